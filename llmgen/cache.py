@@ -1,0 +1,84 @@
+"""A preallocated key/value cache, so each decode step computes one new position only.
+
+The buffers are sized once for the whole run (prompt + max new tokens) and written in
+place; a step never allocates or concatenates. Every row of a batch shares one write
+position (``length``): prompts of different lengths are left-padded, and ``key_mask``
+marks the padding slots that no query may attend to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+        self.key_mask: torch.Tensor | None = None  # [batch, max_len] bool, None = no padding
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def set_padding(self, attention_mask: torch.Tensor) -> None:
+        """Record which prompt slots are real tokens (1) and which are left padding (0)."""
+        if bool(attention_mask.all()):
+            self.key_mask = None
+            return
+        mask = torch.ones(self.batch, self.max_len, dtype=torch.bool, device=self.k.device)
+        mask[:, : attention_mask.shape[1]] = attention_mask.bool()
+        self.key_mask = mask
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys and values at the current position; return all keys so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > {self.max_len}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def attention_mask(self, q_len: int) -> torch.Tensor | None:
+        """Boolean ``[batch, 1, q_len, keys]`` mask (True = may attend), or None if all may.
+
+        Queries occupy slots ``[length, length + q_len)``: each sees itself, the slots
+        before it, and no padding.
+        """
+        start, end = self.length, self.length + q_len
+        if q_len == 1 and self.key_mask is None:
+            return None
+        q_pos = torch.arange(start, end, device=self.k.device)[:, None]
+        k_pos = torch.arange(end, device=self.k.device)[None, :]
+        mask = (k_pos <= q_pos)[None, None]
+        if self.key_mask is not None:
+            # A padding query still sees itself, so its softmax row is never empty (NaN).
+            mask = (mask & self.key_mask[:, None, None, :end]) | (k_pos == q_pos)
+        return mask
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the rows named by ``rows`` (with repeats): how beam search follows its parents."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, rows)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded rows: 0 at each row's first real token, padding clamped to 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,215 @@
+"""Read a model directory in the Hugging Face layout into our own modules.
+
+``config.json`` picks the architecture, ``model.safetensors`` (or the shards named in
+``model.safetensors.index.json``) holds the weights, ``tokenizer.json`` the tokenizer,
+and the optional ``generation_config.json`` the EOS/BOS ids and sampling defaults.
+Weights are only ever read with safetensors: nothing is unpickled.
+
+Every problem a user can cause is a ``ModelError`` naming the file or tensor at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
+
+from llmgen.errors import LlmgenError, ModelError
+from llmgen.models import ARCHITECTURES
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# generation_config.json keys we honour as defaults for the sampling flags.
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model_type: str
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    generation_defaults: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens included (for tables and trees)."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def default_model_dir(explicit: str | None) -> Path:
+    """Which model to load: ``--model``, else ``$LLMGEN_MODEL``, else the embedded model."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("LLMGEN_MODEL"):
+        return Path(os.environ["LLMGEN_MODEL"])
+    embedded = Path(__file__).parent / "assets" / "default-model"
+    if (embedded / "config.json").is_file():
+        return embedded
+    raise ModelError("no model given: pass --model DIR or set LLMGEN_MODEL to a model directory")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise LlmgenError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        return torch.device(name)
+    raise LlmgenError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise LlmgenError(f"--dtype {name!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return data
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, single-file or sharded."""
+    single, index = model_dir / WEIGHTS, model_dir / WEIGHTS_INDEX
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelError(f"{index}: no weight_map")
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    raise ModelError(f"{model_dir}: no {WEIGHTS} or {WEIGHTS_INDEX} (only safetensors weights are read)")
+
+
+def read_tensors(files: list[Path], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """All tensors of the checkpoint, converted to ``dtype``, and the file each came from."""
+    tensors, origin = {}, {}
+    for path in files:
+        if not path.is_file():
+            raise ModelError(f"{path}: file not found (named in {WEIGHTS_INDEX})")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    tensors[name] = t.to(dtype) if t.is_floating_point() else t
+                    origin[name] = path
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
+    return tensors, origin
+
+
+def _token_id(value, vocab_size: int) -> tuple[int, ...]:
+    """Normalise an int-or-list token id setting, dropping ids the model cannot produce."""
+    ids = value if isinstance(value, list) else [value]
+    return tuple(i for i in ids if isinstance(i, int) and 0 <= i < vocab_size)
+
+
+def load_checkpoint(model_dir: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Checkpoint:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(f"{model_dir}: not a model directory")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+
+    cfg_path = model_dir / "config.json"
+    hf_cfg = _read_json(cfg_path)
+    model_type = hf_cfg.get("model_type")
+    if model_type not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise ModelError(f"{cfg_path}: model_type {model_type!r} is not supported (supported: {supported})")
+    model_cls, cfg_cls = ARCHITECTURES[model_type]
+    try:
+        cfg = cfg_cls.from_hf(hf_cfg)
+        with torch.device("meta"):
+            model = model_cls(cfg)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ModelError(f"{cfg_path}: invalid {model_type} config ({e})") from None
+
+    tensors, origin = read_tensors(weight_files(model_dir), torch_dtype)
+    state = _checked_state_dict(model, model_cls.rename_checkpoint(tensors, cfg), origin, model_dir)
+    model.load_state_dict(state, strict=True, assign=True)
+    model = model.to(torch_device).eval().requires_grad_(False)
+
+    tok_path = model_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise ModelError(f"{tok_path}: file not found")
+    try:
+        tokenizer = Tokenizer.from_file(str(tok_path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise ModelError(f"{tok_path}: cannot load tokenizer ({e})") from None
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise ModelError(
+            f"{tok_path}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocabulary "
+            f"is {cfg.vocab_size}: they do not belong together"
+        )
+
+    gen_path = model_dir / "generation_config.json"
+    gen = _read_json(gen_path) if gen_path.is_file() else {}
+    eos = _token_id(gen.get("eos_token_id", hf_cfg.get("eos_token_id")), cfg.vocab_size)
+    bos = _token_id(gen.get("bos_token_id", hf_cfg.get("bos_token_id")), cfg.vocab_size)
+    defaults = {k: gen[k] for k in SAMPLING_KEYS if gen.get(k) is not None}
+    if gen.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return Checkpoint(
+        path=model_dir,
+        model_type=model_type,
+        model=model,
+        tokenizer=tokenizer,
+        eos_token_ids=eos,
+        bos_token_id=bos[0] if bos else None,
+        generation_defaults=defaults,
+    )
+
+
+def _checked_state_dict(model, renamed, origin, model_dir) -> dict[str, torch.Tensor]:
+    """Match checkpoint tensors to parameters by name and shape, naming the first mismatch."""
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    for name, (ckpt_name, t) in renamed.items():
+        path = origin[ckpt_name]
+        if name not in expected:
+            raise ModelError(f"{path}: unexpected tensor {ckpt_name!r} for this model_type")
+        if tuple(t.shape) != tuple(expected[name]):
+            raise ModelError(
+                f"{path}: tensor {ckpt_name!r} has shape {list(t.shape)}, config.json implies {list(expected[name])}"
+            )
+    missing = sorted(set(expected) - set(renamed))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelError(f"{model_dir}: missing tensor {missing[0]!r}{more}")
+    return {name: t.contiguous() for name, (_, t) in renamed.items()}

@@ -1,0 +1,1 @@
+"""Decoding strategies. Each returns results plus a trace; none of them prints."""

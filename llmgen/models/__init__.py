@@ -1,0 +1,17 @@
+"""Architectures by ``config.json`` ``model_type``.
+
+Every model is an ``nn.Module`` with the same interface, which is all the decoders use:
+
+- ``forward(input_ids [B, T], positions [B, T] | None, cache | None) -> logits [B, T, V]``
+- ``new_cache(batch, max_len) -> KVCache``
+- ``cfg.vocab_size`` and ``cfg.context_length``
+- ``rename_checkpoint(tensors, cfg)``: ``{parameter name: (checkpoint name, tensor)}``
+"""
+
+from __future__ import annotations
+
+from llmgen.models.gpt2 import GPT2, GPT2Config
+
+ARCHITECTURES = {
+    "gpt2": (GPT2, GPT2Config),
+}

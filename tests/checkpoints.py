@@ -1,0 +1,83 @@
+"""Tiny random-weight checkpoints, built at test time with transformers as the writer.
+
+Using transformers' own ``save_pretrained`` proves that we read the files it writes
+(tensor names, Conv1D layout, sharding), not just files we wrote ourselves. Weights are
+drawn with a large init scale so the next-token distributions are peaked: with the
+default 0.02 every distribution is nearly uniform and greedy paths hinge on 1e-7 ties.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+CORPUS = [
+    "I like cold coffee and I like hot tea.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Water is wet; coffee is warm; stop the music when the song ends.",
+    "She sells sea shells by the sea shore, and he likes to read books.",
+    "Numbers like 12, 345 and 6789 appear in text too. Ünïcödé — naïve café — 日本語.",
+] * 4
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(vocab_size: int = 320) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def build_gpt2(
+    path: Path,
+    *,
+    n_layer: int = 2,
+    n_embd: int = 32,
+    n_head: int = 4,
+    n_positions: int = 128,
+    seed: int = 0,
+    init_scale: float = 0.3,
+    max_shard_size: str | None = None,
+    tokenizer: Tokenizer | None = None,
+    vocab_size: int | None = None,
+    generation_config: dict | None = None,
+):
+    """Write a GPT-2 checkpoint directory and return the transformers model that wrote it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tokenizer or train_tokenizer()
+    eos = tok.token_to_id(EOS)
+    cfg = GPT2Config(
+        vocab_size=vocab_size or tok.get_vocab_size(),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        initializer_range=init_scale,
+    )
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # LayerNorm params start at 1/0; perturb them so they are exercised
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    path.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    tok.save(str(path / "tokenizer.json"))
+    gen = {"bos_token_id": eos, "eos_token_id": eos}
+    gen.update(generation_config or {})
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    return model

@@ -1,0 +1,27 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import build_gpt2, train_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, tokenizer):
+    """A 2-layer GPT-2 written by transformers; returns (directory, transformers model)."""
+    path = tmp_path_factory.mktemp("gpt2")
+    return path, build_gpt2(path, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def ckpt(gpt2_dir):
+    from llmgen.checkpoint import load_checkpoint
+
+    return load_checkpoint(gpt2_dir[0], device="cpu")
