@@ -197,6 +197,29 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str = "auto", dtype: s
     )
 
 
+def save_checkpoint(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    out_dir: str | os.PathLike,
+    generation: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a directory that ``load_checkpoint`` (and transformers) can load."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in model.export_checkpoint().items()}
+    save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "pt"})
+    stored = str(dtype or model.wte.weight.dtype).removeprefix("torch.")
+    ids = {k: v for k, v in (generation or {}).items() if k in ("bos_token_id", "eos_token_id")}
+    config = {**model.cfg.to_hf(), **ids, "torch_dtype": stored}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "generation_config.json").write_text(json.dumps(generation or {}, indent=2) + "\n")
+    return out_dir
+
+
 def _checked_state_dict(model, renamed, origin, model_dir) -> dict[str, torch.Tensor]:
     """Match checkpoint tensors to parameters by name and shape, naming the first mismatch."""
     expected = {name: p.shape for name, p in model.state_dict().items()}

@@ -11,9 +11,11 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.text import Text
 
 from llmgen import __version__
 from llmgen.errors import LlmgenError, OutputClosed, UsageError
@@ -36,6 +38,17 @@ ModelOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto picks CUDA when available.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16. auto: float32 on CPU, bfloat16 on CUDA.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON records instead of text.")]
+PromptArg = Annotated[Optional[str], typer.Argument(help="Text to continue; '-' or a pipe reads stdin.", show_default=False)]
+MaxNewOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Most tokens to generate. [default: 50]")]
+TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", help="Softmax temperature; 0 = greedy. [default: 1.0]")]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", "-k", help="Sample among the k most probable tokens; 0 = off.")]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", "-p", help="Nucleus: smallest set with mass >= p; 1 = off.")]
+MinPOpt = Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min_p x the top probability; 0 = off.")]
+RepetitionOpt = Annotated[Optional[float], typer.Option("--repetition-penalty", help="> 1 discourages tokens already present; 1 = off.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed; sample i uses seed + i. Default: random, and reported.")]
+EchoOpt = Annotated[bool, typer.Option("--echo", help="Print the prompt before the continuation.")]
+ShowTreeOpt = Annotated[bool, typer.Option("--show-tree", help="Draw the search tree.")]
+TreeTopOpt = Annotated[int, typer.Option("--tree-top", help="Pruned candidates drawn per node in the tree.")]
 
 
 def _version(value: bool) -> None:
@@ -89,19 +102,21 @@ def _write_json(record: dict) -> None:
 
 @app.command()
 def run(
-    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue; '-' reads stdin.", show_default=False)] = None,
+    prompt: PromptArg = None,
     model: ModelOpt = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Most tokens to generate. [default: 50]")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", "-t", help="Softmax temperature; 0 = greedy. [default: 1.0]")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help="Sample among the k most probable tokens; 0 = off.")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", "-p", help="Nucleus: smallest set with mass >= p; 1 = off.")] = None,
-    min_p: Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min_p x the top probability; 0 = off.")] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="> 1 discourages tokens already present; 1 = off.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed; sample i uses seed + i. Default: random, and reported.")] = None,
+    max_new_tokens: MaxNewOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionOpt = None,
+    seed: SeedOpt = None,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Independent continuations to generate.")] = 1,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this string appears (repeatable); it is cut from the text.")] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-sequence token.")] = False,
-    echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the continuation.")] = False,
+    echo: EchoOpt = False,
+    show_probs: Annotated[bool, typer.Option("--show-probs", help="After generating, show each step's token probability and the best alternatives.")] = False,
+    show_tree: Annotated[bool, typer.Option("--show-tree", help="With --num-samples: merge the samples into one prefix tree with counts.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -112,6 +127,54 @@ def run(
     """
     from llmgen import config
 
+    flags = _sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens)
+    gen = config.GenerationConfig(num_samples=num_samples, stop=tuple(stop or ()), seed=seed, ignore_eos=ignore_eos)
+    text = _read_prompt(prompt)
+
+    from llmgen import render
+    from llmgen.decoding.greedy_sample import generate
+
+    ckpt = _load(model, device, dtype)
+    gen = _generation_for(ckpt, flags, gen)
+    ids = _prompt_ids(ckpt, text)
+
+    out = render.stdout_console()
+    streaming = not as_json and num_samples == 1 and render.is_terminal() and not show_tree
+    stream = render.TextStream(out) if streaming else None
+    if stream and echo:
+        stream.prompt(text)
+    started = time.perf_counter()
+    samples = generate(ckpt.model, ids, gen, ckpt.decode, on_text=stream, trace_top=6 if show_probs else 0)
+    elapsed = time.perf_counter() - started
+
+    if as_json:
+        for s in samples:
+            _write_json(_record(text, ids, s.text, s.token_ids, s.logprobs, s.finish_reason, s.seed))
+        return
+    if stream:
+        stream.end()
+    elif show_tree:
+        from llmgen.decoding.trace import prefix_tree
+
+        out.print(render.samples_tree(prefix_tree(samples), ckpt.decode, text))
+    else:
+        for i, s in enumerate(samples):
+            if num_samples > 1 and render.is_terminal():
+                out.print(render.sample_header(i, s.seed, s.finish_reason, len(s.token_ids)))
+            out.print((text if echo else "") + s.text, markup=False, highlight=False)
+    if show_probs:
+        for s in samples:
+            out.print(render.step_table(s, ckpt.token_text))
+    if render.is_terminal(sys.stderr):
+        s = samples[0]
+        n = sum(len(x.token_ids) for x in samples)
+        render.stderr_console().print(render.run_summary(n, s.finish_reason, s.seed, elapsed))
+
+
+def _sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens) -> dict:
+    """The sampling flags as given (None = not given), checked before any model loads."""
+    from llmgen import config
+
     flags = {
         "temperature": temperature,
         "top_k": top_k,
@@ -120,66 +183,255 @@ def run(
         "repetition_penalty": repetition_penalty,
         "max_new_tokens": max_new_tokens,
     }
-    config.sampling_from(config.resolve(flags))  # reject bad flags before loading anything
-    gen = config.GenerationConfig(
-        max_new_tokens=config.resolve(flags)["max_new_tokens"], num_samples=num_samples, stop=tuple(stop or ()), seed=seed
-    )
-    text = _read_prompt(prompt)
+    resolved = config.resolve(flags)
+    config.sampling_from(resolved)
+    config.GenerationConfig(max_new_tokens=resolved["max_new_tokens"])
+    return flags
 
-    from llmgen import render
+
+def _load(model: str | None, device: str, dtype: str):
     from llmgen.checkpoint import default_model_dir, load_checkpoint
-    from llmgen.decoding.greedy_sample import generate
 
-    ckpt = load_checkpoint(default_model_dir(model), device=device, dtype=dtype)
+    return load_checkpoint(default_model_dir(model), device=device, dtype=dtype)
+
+
+def _generation_for(ckpt, flags: dict, gen):
+    """Fill in the model's defaults and EOS ids; draw a seed if sampling needs one."""
+    from dataclasses import replace
+
+    from llmgen import config
+
     values = config.resolve(flags, ckpt.generation_defaults)
     sampling = config.sampling_from(values)
-    if gen.seed is None and not sampling.greedy:
-        gen = gen.with_seed(int.from_bytes(os.urandom(4), "little"))
-    gen = config.GenerationConfig(
-        max_new_tokens=values["max_new_tokens"],
-        num_samples=gen.num_samples,
-        stop=gen.stop,
-        ignore_eos=ignore_eos,
-        eos_token_ids=ckpt.eos_token_ids,
-        seed=gen.seed,
-        sampling=sampling,
+    seed = gen.seed
+    if seed is None and not sampling.greedy:
+        seed = int.from_bytes(os.urandom(4), "little")
+    return replace(
+        gen, max_new_tokens=values["max_new_tokens"], eos_token_ids=ckpt.eos_token_ids, seed=seed, sampling=sampling
     )
+
+
+def _record(prompt, prompt_ids, text, token_ids, logprobs, finish_reason, seed, **extra) -> dict:
+    """The JSON record fields every command shares."""
+    return {
+        "prompt": prompt,
+        "prompt_token_ids": prompt_ids,
+        "text": text,
+        "token_ids": token_ids,
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+        "seed": seed,
+        **extra,
+    }
+
+
+@app.command()
+def beam(
+    prompt: PromptArg = None,
+    model: ModelOpt = None,
+    width: Annotated[int, typer.Option("--width", "-w", help="Beams kept at each step (1 = greedy).")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")] = 20,
+    length_penalty: Annotated[float, typer.Option("--length-penalty", help="alpha: a finished hypothesis scores sum(logprobs) / length**alpha.")] = 1.0,
+    num_return: Annotated[int, typer.Option("--num-return", help="Hypotheses to return, best first (<= width).")] = 1,
+    no_repeat_ngram_size: Annotated[int, typer.Option("--no-repeat-ngram-size", help="Forbid repeating any n-gram of this size; 0 = off.")] = 0,
+    early_stopping: Annotated[bool, typer.Option("--early-stopping", help="Stop as soon as `width` hypotheses have finished.")] = False,
+    show_tree: ShowTreeOpt = False,
+    tree_top: TreeTopOpt = 3,
+    echo: EchoOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Beam search: keep the WIDTH most probable partial sequences at every step.
+
+    --show-tree draws every candidate each beam considered: survivors bold, pruned dim,
+    finished hypotheses marked, the winning path green.
+    """
+    from llmgen.decoding.beam import BeamConfig, beam_search
+
+    cfg = BeamConfig(width, max_new_tokens, length_penalty, num_return, no_repeat_ngram_size, early_stopping, (), tree_top)
+    text = _read_prompt(prompt)
+    from dataclasses import replace
+
+    from llmgen import render
+
+    ckpt = _load(model, device, dtype)
+    cfg = replace(cfg, eos_token_ids=ckpt.eos_token_ids)
     ids = _prompt_ids(ckpt, text)
-
-    out = render.stdout_console()
-    streaming = not as_json and num_samples == 1 and render.is_terminal()
-    stream = render.TextStream(out) if streaming else None
-    if stream and echo:
-        stream.prompt(text)
-    started = time.perf_counter()
-    samples = generate(ckpt.model, ids, gen, ckpt.decode, on_text=stream)
-    elapsed = time.perf_counter() - started
-
+    result = beam_search(ckpt.model, ids, cfg)
+    hyps = result.hypotheses
     if as_json:
-        for s in samples:
-            _write_json(
-                {
-                    "prompt": text,
-                    "prompt_token_ids": ids,
-                    "text": s.text,
-                    "token_ids": s.token_ids,
-                    "logprobs": s.logprobs,
-                    "finish_reason": s.finish_reason,
-                    "seed": s.seed,
-                }
-            )
+        best = hyps[0]
+        beams = [
+            {"text": ckpt.decode(h.token_ids), "token_ids": h.token_ids, "logprob": h.logprob, "score": h.score,
+             "finish_reason": h.finish_reason}
+            for h in hyps
+        ]
+        _write_json(_record(text, ids, beams[0]["text"], best.token_ids, best.logprobs, best.finish_reason, None, beams=beams))
         return
-    if stream:
-        stream.end()
-    else:
-        for i, s in enumerate(samples):
-            if num_samples > 1 and render.is_terminal():
-                out.print(render.sample_header(i, s.seed, s.finish_reason, len(s.token_ids)))
-            out.print((text if echo else "") + s.text, markup=False, highlight=False)
-    if render.is_terminal(sys.stderr):
-        s = samples[0]
-        n = sum(len(x.token_ids) for x in samples)
-        render.stderr_console().print(render.run_summary(n, s.finish_reason, s.seed, elapsed))
+    out = render.stdout_console()
+    if show_tree:
+        out.print(render.search_tree(result.tree, ckpt.token_text, text, f"beam search, width {width}", tree_top))
+    for i, h in enumerate(hyps):
+        if len(hyps) > 1 or show_tree:
+            out.print(Text(f"#{i + 1}  logprob {h.logprob:.3f}  score {h.score:.3f}  ({h.finish_reason})", style="dim"))
+        out.print((text if echo else "") + ckpt.decode(h.token_ids), markup=False, highlight=False)
+
+
+@app.command()
+def exact(
+    prompt: PromptArg = None,
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="N: sequences end at EOS or after N tokens.")] = 5,
+    max_expansions: Annotated[int, typer.Option("--max-expansions", help="Bound on partial sequences expanded; past it, optimality is not proven.")] = 2000,
+    show_tree: ShowTreeOpt = False,
+    tree_top: TreeTopOpt = 3,
+    echo: EchoOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """The provably most probable continuation (ending at EOS or after N tokens).
+
+    Best-first search on cumulative log-probability, bounded by the greedy sequence:
+    reports the nodes expanded against the |V|^N sequences brute force would score.
+    """
+    from llmgen.decoding.exact import ExactConfig, exact_search
+
+    cfg = ExactConfig(max_new_tokens=max_new_tokens, max_expansions=max_expansions)
+    text = _read_prompt(prompt)
+    from dataclasses import replace
+
+    from llmgen import render
+
+    ckpt = _load(model, device, dtype)
+    ids = _prompt_ids(ckpt, text)
+    result = exact_search(ckpt.model, ids, replace(cfg, eos_token_ids=ckpt.eos_token_ids), ckpt.decode)
+    continuation = ckpt.decode(result.token_ids)
+    if as_json:
+        _write_json(
+            _record(text, ids, continuation, result.token_ids, result.logprobs, result.finish_reason, None,
+                    logprob=result.logprob, expanded=result.expanded, proven=result.proven)
+        )
+        return
+    out = render.stdout_console()
+    if show_tree:
+        out.print(render.search_tree(result.tree, ckpt.token_text, text, "exact search", tree_top, bound_all=True))
+    out.print((text if echo else "") + continuation, markup=False, highlight=False)
+    verdict = "optimal (proven)" if result.proven else f"best found; not proven optimal within --max-expansions {max_expansions}"
+    render.stderr_console().print(
+        Text(f"logprob {result.logprob:.4f} · {verdict} · expanded {result.expanded:,} nodes "
+             f"vs {result.brute_force:.3g} sequences for brute force", style="dim")
+    )
+
+
+@app.command()
+def probs(
+    prompt: PromptArg = None,
+    model: ModelOpt = None,
+    steps: Annotated[int, typer.Option("--steps", help="Follow the chosen token for this many steps, one table each.")] = 1,
+    top: Annotated[int, typer.Option("--top", help="Rows per table.")] = 10,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """The next-token distribution as a table: model probability, after temperature, after
+    top-k / top-p / min-p and renormalisation, and which filter removed each token."""
+    from llmgen import config
+    from llmgen.decoding.probs import follow
+
+    if steps < 1 or top < 1:
+        raise UsageError("--steps and --top must be >= 1")
+    flags = _sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, None)
+    text = _read_prompt(prompt)
+    from llmgen import render
+
+    ckpt = _load(model, device, dtype)
+    gen = _generation_for(ckpt, flags, config.GenerationConfig(seed=seed))
+    ids = _prompt_ids(ckpt, text)
+    dists = follow(ckpt.model, ids, gen.sampling, steps, gen.seed)
+    if as_json:
+        for d in dists:
+            order = sorted(range(len(d.raw)), key=lambda i: -d.raw[i])[:top]
+            _write_json({
+                "prompt": text, "prompt_token_ids": ids, "step": d.step, "token_id": d.chosen, "seed": gen.seed,
+                "candidates": [
+                    {"token_id": t, "token": ckpt.token_text(t), "prob": d.raw[t], "tempered_prob": d.tempered[t],
+                     "final_prob": d.final[t], "removed_by": d.removed_by[t]}
+                    for t in order
+                ],
+            })
+        return
+    out = render.stdout_console()
+    context = text
+    for d in dists:
+        out.print(render.distribution_table(d, ckpt.token_text, top, f"after {render.token_label(context[-60:])}"))
+        context += ckpt.token_text(d.chosen)
+
+
+@app.command()
+def compare(
+    prompt: PromptArg = None,
+    model: ModelOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per continuation.")] = 8,
+    width: Annotated[int, typer.Option("--width", "-w", help="Beam width.")] = 4,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    seed: SeedOpt = None,
+    max_expansions: Annotated[int, typer.Option("--max-expansions", help="Budget for the exact search.")] = 2000,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Greedy, beam, exact and sampled continuations side by side, each with its total
+    log-probability: see for yourself that greedy is not always the most probable."""
+    from dataclasses import replace
+
+    from llmgen import config
+    from llmgen.decoding.beam import BeamConfig, beam_search
+    from llmgen.decoding.exact import ExactConfig, exact_search
+    from llmgen.decoding.greedy_sample import generate
+
+    flags = _sampling_flags(temperature, top_k, top_p, min_p, None, max_new_tokens)
+    beam_cfg = BeamConfig(width=width, max_new_tokens=max_new_tokens, length_penalty=0.0)
+    exact_cfg = ExactConfig(max_new_tokens=max_new_tokens, max_expansions=max_expansions)
+    text = _read_prompt(prompt)
+    from llmgen import render
+
+    ckpt = _load(model, device, dtype)
+    ids = _prompt_ids(ckpt, text)
+    eos = ckpt.eos_token_ids
+    sampled = _generation_for(ckpt, flags, config.GenerationConfig(seed=seed))
+    if sampled.sampling.greedy:
+        sampled = replace(sampled, sampling=replace(sampled.sampling, temperature=1.0, top_k=0), seed=sampled.seed or 0)
+    greedy = replace(sampled, sampling=config.SamplingConfig(temperature=0), seed=None)
+    rows = []
+    g = generate(ckpt.model, ids, greedy, ckpt.decode)[0]
+    rows.append({"strategy": "greedy", "token_ids": g.token_ids, "logprob": g.logprob})
+    b = beam_search(ckpt.model, ids, replace(beam_cfg, eos_token_ids=eos)).hypotheses[0]
+    rows.append({"strategy": f"beam (width {width})", "token_ids": b.token_ids, "logprob": b.logprob})
+    e = exact_search(ckpt.model, ids, replace(exact_cfg, eos_token_ids=eos), ckpt.decode)
+    note = f"optimal, {e.expanded:,} expansions" if e.proven else f"not proven within {max_expansions:,} expansions"
+    rows.append({"strategy": "exact", "token_ids": e.token_ids, "logprob": e.logprob, "note": note})
+    s = sampled.sampling
+    s_name = f"sample (T={s.temperature:g}" + (f", k={s.top_k}" if s.top_k else "") + (f", p={s.top_p:g}" if s.top_p < 1 else "") + ")"
+    smp = generate(ckpt.model, ids, sampled, ckpt.decode)[0]
+    rows.append({"strategy": s_name, "token_ids": smp.token_ids, "logprob": smp.logprob, "note": f"seed {smp.seed}"})
+    for r in rows:
+        r["text"] = ckpt.decode(r["token_ids"])
+    if as_json:
+        for r in rows:
+            _write_json({"prompt": text, "prompt_token_ids": ids, **r})
+        return
+    render.stdout_console().print(render.compare_table(rows))
 
 
 @app.command()
@@ -198,10 +450,9 @@ def score(
     content = _read_prompt(text)
 
     from llmgen import render
-    from llmgen.checkpoint import default_model_dir, load_checkpoint
     from llmgen.scoring import score as score_text
 
-    ckpt = load_checkpoint(default_model_dir(model), device=device, dtype=dtype)
+    ckpt = _load(model, device, dtype)
     result = score_text(ckpt.model, ckpt.encode(content), ckpt.bos_token_id)
     if as_json:
         _write_json(
@@ -215,6 +466,61 @@ def score(
         return
     tokens = [ckpt.token_text(t) for t in result.token_ids]
     render.stdout_console().print(render.score_table(tokens, result.token_ids, result.logprobs, result.perplexity))
+
+
+@app.command()
+def train(
+    text_files: Annotated[Optional[list[Path]], typer.Argument(help="Plain-text training files (UTF-8).", show_default=False)] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")] = Path("model"),
+    preset: Annotated[str, typer.Option(help="Size and schedule to start from: tiny or small.")] = "tiny",
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per step.")] = None,
+    context: Annotated[Optional[int], typer.Option(help="Tokens per training sequence (and the model's context).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (after warm-up; cosine decay to 10%).")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option("--vocab-size", help="BPE vocabulary size.")] = None,
+    layers: Annotated[Optional[int], typer.Option(help="Transformer blocks.")] = None,
+    dim: Annotated[Optional[int], typer.Option(help="Embedding width.")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="Attention heads.")] = None,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="Autocast matmuls to bfloat16.")] = None,
+    seed: Annotated[int, typer.Option("--seed", "-s", help="Seed for init, split and batches.")] = 0,
+    init: Annotated[Optional[Path], typer.Option(help="Fine-tune this checkpoint instead of training from scratch.")] = None,
+    pairs: Annotated[Optional[Path], typer.Option(help="JSONL of {prompt, completion} to fine-tune on (with --init).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --output from its last save.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train a GPT-2 model on TEXT_FILES (tokenizer too), or fine-tune one with --init and --pairs.
+
+    Writes an ordinary checkpoint directory that --model loads, plus training.json
+    (config, data hashes, losses). Progress goes to stderr.
+    """
+    from dataclasses import replace
+
+    from llmgen import train as training
+
+    if preset not in training.PRESETS:
+        raise UsageError(f"--preset must be one of {', '.join(training.PRESETS)}, got {preset!r}")
+    overrides = {
+        "steps": steps, "batch_size": batch_size, "context": context, "lr": lr, "vocab_size": vocab_size,
+        "n_layer": layers, "n_embd": dim, "n_head": heads, "bf16": bf16,
+    }
+    cfg = replace(training.PRESETS[preset], seed=seed, **{k: v for k, v in overrides.items() if v is not None})
+    if (init is None) != (pairs is None):
+        raise UsageError("--init and --pairs go together (fine-tuning); give both or neither")
+    if init is None and not text_files:
+        raise UsageError("give TEXT_FILES to train on, or --init DIR --pairs FILE to fine-tune")
+    if (output / training.STATE_DIR).exists() and not resume:
+        raise LlmgenError(f"{output} holds an earlier run: pass --resume to continue it, or choose another --output")
+
+    from llmgen import render
+    from llmgen.checkpoint import resolve_device
+
+    torch_device = resolve_device(device)
+    with render.TrainingProgress(cfg.steps) as progress:
+        if init is not None:
+            result = training.finetune(init, pairs, output, cfg, torch_device, resume, progress.update)
+        else:
+            result = training.pretrain(list(text_files), output, cfg, torch_device, resume, progress.update)
+    render.stderr_console().print(render.training_summary(result.record, output))
 
 
 def _fail(message: str, code: int) -> int:

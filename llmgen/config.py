@@ -12,7 +12,8 @@ from typing import Any
 from llmgen.errors import UsageError
 
 
-def _check(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """Raise the usage error ``message`` unless ``ok``."""
     if not ok:
         raise UsageError(message)
 
@@ -32,12 +33,12 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
-        _check(self.temperature == self.temperature, "--temperature must be a number")
-        _check(self.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {self.top_k}")
-        _check(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
-        _check(0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p}")
-        _check(self.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+        require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature}")
+        require(self.temperature == self.temperature, "--temperature must be a number")
+        require(self.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        require(0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p}")
+        require(self.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
@@ -57,10 +58,10 @@ class GenerationConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
-        _check(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        _check(self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}")
-        _check(all(self.stop), "--stop strings must not be empty")
-        _check(self.seed is None or 0 <= self.seed < 2**63, f"--seed must be in [0, 2**63), got {self.seed}")
+        require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        require(self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}")
+        require(all(self.stop), "--stop strings must not be empty")
+        require(self.seed is None or 0 <= self.seed < 2**63, f"--seed must be in [0, 2**63), got {self.seed}")
 
     def with_seed(self, seed: int) -> GenerationConfig:
         return replace(self, seed=seed)

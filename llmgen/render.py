@@ -6,12 +6,15 @@ text with no control codes, so the same views work in a terminal and in a pipeli
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+from rich.tree import Tree
 
 from llmgen.errors import OutputClosed
 
@@ -78,4 +81,186 @@ def score_table(tokens: list[str], token_ids: list[int], logprobs: list[float | 
             table.add_row(str(i), repr(tok), str(tid), "—", "(no context)")
         else:
             table.add_row(str(i), repr(tok), str(tid), f"{lp:.4f}", f"{math.exp(lp):.4f}")
+    return table
+
+
+class TrainingProgress:
+    """A live bar on stderr (step, loss, eval loss, tokens/s, ETA); on a non-terminal,
+    a plain line at every evaluation instead."""
+
+    def __init__(self, steps: int) -> None:
+        self.console = stderr_console()
+        self.live = self.console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}  {task.fields[rate]} tok/s"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.live,
+        )
+        self.task = self.progress.add_task("train", total=steps, loss="-", eval="-", rate="-")
+
+    def __enter__(self) -> TrainingProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def update(self, p) -> None:
+        fields = {"loss": f"{p.loss:.3f}", "rate": f"{p.tokens_per_second:,.0f}"}
+        if p.eval_loss is not None:
+            fields["eval"] = f"{p.eval_loss:.3f}"
+            if not self.live:
+                self.console.print(
+                    f"step {p.step}/{p.steps}  loss {p.loss:.3f}  eval {p.eval_loss:.3f}  "
+                    f"{p.tokens_per_second:,.0f} tok/s  {p.elapsed:.0f}s"
+                )
+        self.progress.update(self.task, completed=p.step, **fields)
+
+
+def training_summary(record: dict, output) -> Text:
+    done = record["steps"] >= record["config"]["steps"]
+    lines = [
+        f"{record['kind']}: {record['steps']} steps, eval loss {record['initial_eval_loss']:.3f} -> {record['final_eval_loss']:.3f}"
+        f" (perplexity {math.exp(record['final_eval_loss']):.1f})",
+        f"wrote {output}/" + ("  ->  llmgen run --model " + str(output) + ' "..."' if done else " (unfinished: rerun with --resume)"),
+    ]
+    return Text("\n".join(lines))
+
+
+# ---------------------------------------------------------------- decoding views
+
+STATUS_STYLE = {"kept": "bold", "pruned": "dim", "finished": "bold cyan", "root": "bold"}
+
+
+def token_label(text: str) -> str:
+    """A token as a quoted literal, so leading spaces and newlines are visible."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def search_tree(tree, token_text, prompt: str, title: str, top: int | None = None, bound_all: bool = False) -> Tree:
+    """A beam or exact search as a Rich tree.
+
+    Survivors are bold, pruned candidates dim, finished hypotheses marked with their
+    score, and the winning path green and starred (★, for output without colour). At most ``top`` pruned candidates are drawn per
+    node; with ``bound_all`` (exact search, whose expanded nodes can run to thousands)
+    at most ``top`` off-path children of any kind.
+    """
+    children = tree.children()
+    best = set(tree.best_path)
+    root = Tree(Text.assemble((title + " ", "dim"), (token_label(prompt), "bold")), guide_style="dim")
+
+    def label(node) -> Text:
+        on_path = node.id in best
+        style = "bold green" if on_path else STATUS_STYLE.get(node.status, "")
+        text = Text("★ " if on_path else "", style=style)
+        text.append(token_label(token_text(node.token_id)), style=style)
+        text.append(f"  p={math.exp(node.logprob):.3f}  Σ={node.cumulative:.3f}", style="green" if on_path else "dim")
+        if node.status == "finished":
+            score = f" score={node.score:.3f}" if node.score is not None else ""
+            text.append(f"  ■ end{score}", style="bold green" if on_path else "cyan")
+        elif node.status == "pruned":
+            text.append("  ✗", style="dim")
+        return text
+
+    def add(branch: Tree, node_id: int) -> None:
+        kids = sorted(children.get(node_id, []), key=lambda n: -n.cumulative)
+        shown, pruned = [], 0
+        for kid in kids:
+            if (bound_all or kid.status == "pruned") and kid.id not in best:
+                pruned += 1
+                if top is not None and pruned > top:
+                    continue
+            shown.append(kid)
+        for kid in shown:
+            add(branch.add(label(kid)), kid.id)
+        hidden = len(kids) - len(shown)
+        if hidden:
+            branch.add(Text(f"… {hidden} more", style="dim italic"))
+
+    add(root, tree.nodes[0].id)
+    return root
+
+
+def distribution_table(dist, token_text, top: int, title: str) -> Table:
+    """Top tokens by model probability: raw, after temperature, after filters, and what removed them."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("token")
+    table.add_column("id", justify="right", style="dim")
+    table.add_column("model p", justify="right")
+    table.add_column("", min_width=20)
+    table.add_column("after T", justify="right")
+    table.add_column("final p", justify="right")
+    table.add_column("removed by")
+    order = sorted(range(len(dist.raw)), key=lambda i: -dist.raw[i])[:top]
+    for rank, tok in enumerate(order, 1):
+        chosen = tok == dist.chosen
+        style = "bold green" if chosen else ("dim" if dist.removed_by[tok] else "")
+        table.add_row(
+            str(rank),
+            token_label(token_text(tok)) + (" ◀" if chosen else ""),
+            str(tok),
+            f"{dist.raw[tok]:.4f}",
+            Text("█" * max(0, round(dist.raw[tok] * 20)), style="cyan"),
+            f"{dist.tempered[tok]:.4f}",
+            f"{dist.final[tok]:.4f}" if dist.final[tok] > 0 else "—",
+            dist.removed_by[tok] or "",
+            style=style,
+        )
+    kept = sum(1 for p in dist.final if p > 0)
+    table.caption = f"{kept} of {len(dist.raw)} tokens can be drawn"
+    return table
+
+
+def step_table(sample, token_text) -> Table:
+    """What ``run --show-probs`` shows: each chosen token, its probability, the best alternatives."""
+    table = Table(title="step by step", title_justify="left")
+    table.add_column("step", justify="right", style="dim")
+    table.add_column("chosen")
+    table.add_column("p", justify="right")
+    table.add_column("alternatives (model p)")
+    for i, step in enumerate(sample.steps):
+        alts = Text()
+        for alt in step.alternatives:
+            if alt.token_id == step.token_id:
+                continue
+            alts.append(f"{token_label(token_text(alt.token_id))} {math.exp(alt.logprob):.3f}  ", style="dim")
+        table.add_row(str(i + 1), token_label(token_text(step.token_id)), f"{math.exp(step.logprob):.3f}", alts)
+    return table
+
+
+def samples_tree(root, decode, prompt: str) -> Tree:
+    """``run --num-samples N --show-tree``: samples merged on shared prefixes, with counts."""
+    tree = Tree(Text.assemble(("samples ", "dim"), (token_label(prompt), "bold"), (f"  ×{root.count}", "dim")), guide_style="dim")
+
+    def add(branch: Tree, node) -> None:
+        for child in node.children:
+            text = Text(token_label(decode(child.token_ids)), style="bold" if child.count > 1 else "")
+            text.append(f"  ×{child.count}", style="cyan")
+            text.append(f"  p={math.exp(child.logprob):.3g}", style="dim")
+            if child.ends:
+                text.append(f"  ■ {child.ends} ended", style="dim")
+            add(branch.add(text), child)
+
+    add(tree, root)
+    return tree
+
+
+def compare_table(rows: list[dict]) -> Table:
+    """One row per strategy: its text and the total log-probability of the sequence."""
+    table = Table(title="decoding strategies compared", title_justify="left")
+    table.add_column("strategy")
+    table.add_column("continuation")
+    table.add_column("tokens", justify="right")
+    table.add_column("logprob", justify="right")
+    table.add_column("note", style="dim")
+    best = max((r["logprob"] for r in rows), default=0.0)
+    for r in rows:
+        style = "bold green" if math.isclose(r["logprob"], best, abs_tol=1e-6) else ""
+        table.add_row(r["strategy"], token_label(r["text"]), str(len(r["token_ids"])), f"{r['logprob']:.3f}", r.get("note", ""), style=style)
     return table

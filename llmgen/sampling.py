@@ -124,3 +124,38 @@ def choose_next(
         raise ValueError("sampling needs one generator per row")
     draws = [torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)]
     return torch.cat(draws)
+
+
+FILTERS = ("top-k", "top-p", "min-p")
+
+
+def explain(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None) -> dict[str, torch.Tensor | list]:
+    """Every stage of the chain for one row of logits ``[vocab]``, for showing to a person.
+
+    Returns the model's probabilities, those after penalty and temperature, the final
+    renormalised distribution a token is drawn from, and for each token the first
+    filter that removed it (None if it survived).
+    """
+    logits = logits.float()[None]
+    raw = torch.softmax(logits, dim=-1)[0]
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen[None], cfg.repetition_penalty)
+    if cfg.greedy:
+        final = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1])[0].float()
+        removed = ["greedy" if p == 0 else None for p in final.tolist()]
+        return {"raw": raw, "tempered": torch.softmax(logits, -1)[0], "final": final, "removed_by": removed}
+    tempered = apply_temperature(logits, cfg.temperature)
+    stages = [
+        ("top-k", top_k_filter(tempered, cfg.top_k)),
+    ]
+    stages.append(("top-p", top_p_filter(stages[-1][1], cfg.top_p)))
+    stages.append(("min-p", min_p_filter(stages[-1][1], cfg.min_p)))
+    removed: list[str | None] = [None] * logits.shape[-1]
+    before = torch.isfinite(tempered[0])
+    for name, stage in stages:
+        after = torch.isfinite(stage[0])
+        for tok in torch.nonzero(before & ~after).flatten().tolist():
+            removed[tok] = name
+        before = after
+    final = torch.softmax(stages[-1][1], dim=-1)[0]
+    return {"raw": raw, "tempered": torch.softmax(tempered, -1)[0], "final": final, "removed_by": removed}

@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models
+
+from llmgen import train
 
 CORPUS = [
     "I like cold coffee and I like hot tea.",
@@ -21,21 +23,11 @@ CORPUS = [
     "She sells sea shells by the sea shore, and he likes to read books.",
     "Numbers like 12, 345 and 6789 appear in text too. Ünïcödé — naïve café — 日本語.",
 ] * 4
-EOS = "<|endoftext|>"
+EOS = train.EOS
 
 
 def train_tokenizer(vocab_size: int = 320) -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    return tok
+    return train.train_tokenizer(CORPUS, vocab_size)
 
 
 def build_gpt2(
@@ -80,4 +72,29 @@ def build_gpt2(
     gen = {"bos_token_id": eos, "eos_token_id": eos}
     gen.update(generation_config or {})
     (path / "generation_config.json").write_text(json.dumps(gen))
+    return model
+
+
+WORDS = ["<end>", "I", "like", "cold", "coffee", "water", "stop"]
+
+
+def build_six_word_model(path: Path, seed: int = 0, init_scale: float = 0.25):
+    """GPT-2 over {I, like, cold, coffee, water, stop} plus an end token (id 0): small
+    enough that every continuation can be enumerated."""
+    from tokenizers import pre_tokenizers as pre
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<end>"))
+    tok.pre_tokenizer = pre.WhitespaceSplit()
+    tok.add_special_tokens(["<end>"])
+    cfg = GPT2Config(
+        vocab_size=len(WORDS), n_positions=32, n_embd=16, n_layer=2, n_head=2,
+        bos_token_id=0, eos_token_id=0, initializer_range=init_scale,
+    )
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 0}))
     return model

@@ -39,3 +39,87 @@ class Sample:
     @property
     def logprob(self) -> float:
         return sum(self.logprobs)
+
+
+@dataclass
+class TreeNode:
+    """A node of a search tree: one token appended to its parent's sequence.
+
+    ``status``: ``root`` (the prompt), ``kept`` (survived the step), ``pruned`` (considered
+    and dropped), ``finished`` (a complete hypothesis: EOS or the length limit).
+    ``cumulative`` is the sequence's log-probability; ``score`` the length-normalised score
+    of a finished hypothesis.
+    """
+
+    id: int
+    parent: int | None
+    token_id: int | None
+    logprob: float
+    cumulative: float
+    step: int
+    status: str
+    score: float | None = None
+
+
+@dataclass
+class SearchTree:
+    nodes: list[TreeNode] = field(default_factory=list)
+    best_path: list[int] = field(default_factory=list)  # node ids from root to the winner
+
+    def add(self, parent: int | None, token_id: int | None, logprob: float, cumulative: float, step: int, status: str) -> TreeNode:
+        node = TreeNode(len(self.nodes), parent, token_id, logprob, cumulative, step, status)
+        self.nodes.append(node)
+        return node
+
+    def children(self) -> dict[int | None, list[TreeNode]]:
+        out: dict[int | None, list[TreeNode]] = {}
+        for node in self.nodes:
+            out.setdefault(node.parent, []).append(node)
+        return out
+
+    def path_to(self, node_id: int) -> list[int]:
+        path = []
+        current: int | None = node_id
+        while current is not None:
+            path.append(current)
+            current = self.nodes[current].parent
+        return path[::-1]
+
+
+@dataclass
+class PrefixNode:
+    """Samples merged by shared prefix: how many of them passed through this token."""
+
+    token_ids: list[int]  # one token, or a chain of tokens no sample branched off from
+    count: int
+    logprob: float  # log-probability of this chain given its parent
+    children: list[PrefixNode] = field(default_factory=list)
+    ends: int = 0  # samples that ended here
+
+
+def prefix_tree(samples: list[Sample]) -> PrefixNode:
+    """Merge continuations into a tree, then fold single-child chains with equal counts."""
+    root = PrefixNode([], len(samples), 0.0)
+    for sample in samples:
+        node = root
+        for tok, lp in zip(sample.token_ids, sample.logprobs):
+            child = next((c for c in node.children if c.token_ids == [tok]), None)
+            if child is None:
+                child = PrefixNode([tok], 0, lp)
+                node.children.append(child)
+            child.count += 1
+            node = child
+        node.ends += 1
+    _fold(root)
+    return root
+
+
+def _fold(node: PrefixNode) -> None:
+    for child in node.children:
+        while len(child.children) == 1 and child.children[0].count == child.count and child.ends == 0:
+            only = child.children[0]
+            child.token_ids += only.token_ids
+            child.logprob += only.logprob
+            child.children, child.ends = only.children, only.ends
+        _fold(child)
+    node.children.sort(key=lambda c: (-c.count, c.token_ids))

@@ -50,6 +50,10 @@ class GPT2Config:
         fields = cls.__dataclass_fields__
         return cls(**{k: v for k, v in cfg.items() if k in fields})
 
+    def to_hf(self) -> dict:
+        """config.json contents that both llmgen and transformers' GPT2LMHeadModel read."""
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **self.__dict__}
+
     @property
     def context_length(self) -> int:
         return self.n_positions
@@ -74,7 +78,7 @@ class Attention(nn.Module):
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        causal = cache is None and T > 1
+        causal = cache is None and mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -129,13 +133,20 @@ class GPT2(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``attention_mask`` ([B, T], 1 = token, 0 = padding) applies without a cache, as in training."""
         T = input_ids.shape[1]
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device)[None]
         x = self.wte(input_ids) + self.wpe(positions)
-        mask = cache.attention_mask(T) if cache is not None else None
+        if cache is not None:
+            mask = cache.attention_mask(T)
+        elif attention_mask is not None:
+            mask = padded_causal_mask(attention_mask)
+        else:
+            mask = None
         for block in self.h:
             x = block(x, cache, mask)
         if cache is not None:
@@ -160,3 +171,20 @@ class GPT2(nn.Module):
                 t = t.t()
             out[key] = (name, t)
         return out
+
+    def export_checkpoint(self) -> dict[str, torch.Tensor]:
+        """Our parameters under Hugging Face GPT-2 names and layouts (the inverse of rename)."""
+        out = {}
+        for name, t in self.state_dict().items():
+            if name.endswith(CONV1D_SUFFIXES):
+                t = t.t()
+            out[name if name == "lm_head.weight" else f"transformer.{name}"] = t.contiguous()
+        return out
+
+
+def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool: causal, no padding keys; each position always sees itself."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    return (causal & attention_mask.bool()[:, None, None, :]) | eye

@@ -1,0 +1,189 @@
+"""Beam search: keep the K most probable partial sequences, extend each by every token,
+keep the K best of the results. Width 1 is greedy.
+
+It follows transformers' beam search step for step, so results can be checked against it:
+
+- each step scores all K x V continuations and looks at the best 2K of them;
+- a continuation that ends (EOS, or the length limit) becomes a finished hypothesis only
+  if it ranks among the best K, scored ``sum of log-probs / generated_length ** alpha``
+  (the length counts the EOS token);
+- the K best continuations that did not end become the next beams; the KV cache rows are
+  reordered to follow them, so no prefix is ever recomputed;
+- the search stops when no running beam can still beat the worst of K finished
+  hypotheses (``early_stopping=False``), as soon as K are finished (``True``), or at the
+  length limit.
+
+Every considered continuation is recorded in a ``SearchTree`` for ``--show-tree``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from llmgen.config import require
+from llmgen.decoding.greedy_sample import check_prompt_fits
+from llmgen.decoding.trace import SearchTree
+
+NEG = -1.0e9  # transformers' "impossible" score; keeps ties and arithmetic identical to it
+
+
+@dataclass(frozen=True)
+class BeamConfig:
+    width: int = 4
+    max_new_tokens: int = 20
+    length_penalty: float = 1.0
+    num_return: int = 1
+    no_repeat_ngram_size: int = 0
+    early_stopping: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    tree_top: int = 3  # candidates per node recorded for the tree, beyond the ones that survive
+
+    def __post_init__(self) -> None:
+        require(self.width >= 1, f"--width must be >= 1, got {self.width}")
+        require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        require(1 <= self.num_return <= self.width, f"--num-return must be between 1 and --width ({self.width}), got {self.num_return}")
+        require(self.no_repeat_ngram_size >= 0, f"--no-repeat-ngram-size must be >= 0, got {self.no_repeat_ngram_size}")
+        require(self.tree_top >= 0, f"--tree-top must be >= 0, got {self.tree_top}")
+
+
+@dataclass
+class Hypothesis:
+    token_ids: list[int]
+    logprobs: list[float]
+    score: float
+    finish_reason: str
+    node: int  # its node in the search tree
+
+    @property
+    def logprob(self) -> float:
+        return sum(self.logprobs)
+
+
+@dataclass
+class BeamResult:
+    hypotheses: list[Hypothesis]  # best first, ``num_return`` of them
+    tree: SearchTree = field(default_factory=SearchTree)
+    steps: int = 0
+
+
+def banned_by_ngrams(sequence: list[int], n: int) -> set[int]:
+    """Tokens that would repeat an n-gram already in ``sequence`` (prompt included)."""
+    if n <= 0 or len(sequence) < n:
+        return set()
+    prefix = tuple(sequence[len(sequence) - n + 1 :])
+    return {sequence[i + n - 1] for i in range(len(sequence) - n + 1) if tuple(sequence[i : i + n - 1]) == prefix}
+
+
+@dataclass
+class _Beam:
+    token_ids: list[int]
+    logprobs: list[float]
+    score: float  # cumulative log-probability
+    node: int
+
+
+@torch.inference_mode()
+def beam_search(model: torch.nn.Module, prompt_ids: list[int], cfg: BeamConfig) -> BeamResult:
+    context = model.cfg.context_length
+    check_prompt_fits(len(prompt_ids), context)
+    max_new = min(cfg.max_new_tokens, context - len(prompt_ids))
+    K, device = cfg.width, next(model.parameters()).device
+    eos = set(cfg.eos_token_ids)
+    keep = max(2, 1 + len(eos)) * K
+
+    tree = SearchTree()
+    root = tree.add(None, None, 0.0, 0.0, 0, "root")
+    # K identical rows, all but the first "impossible", exactly as transformers starts.
+    beams = [_Beam([], [], 0.0 if i == 0 else NEG, root.id) for i in range(K)]
+    finished: list[Hypothesis] = []
+    can_improve = True
+
+    cache = model.new_cache(K, len(prompt_ids) + max_new)
+    logits = model(torch.tensor([prompt_ids] * K, device=device), None, cache)[:, -1].float()
+    step = 0
+    for step in range(max_new):
+        logprobs = torch.log_softmax(logits, dim=-1)
+        scores = logprobs.clone()
+        if cfg.no_repeat_ngram_size:
+            for row, beam in enumerate(beams):
+                banned = banned_by_ngrams(prompt_ids + beam.token_ids, cfg.no_repeat_ngram_size)
+                if banned:
+                    scores[row, list(banned)] = float("-inf")
+        totals = scores + torch.tensor([b.score for b in beams], device=device)[:, None]
+        top_scores, top_flat = totals.reshape(-1).topk(keep)
+        vocab = totals.shape[-1]
+        candidates = [
+            (rank, flat // vocab, flat % vocab, total)
+            for rank, (flat, total) in enumerate(zip(top_flat.tolist(), top_scores.tolist()))
+        ]
+        last_step = step + 1 == max_new
+        ends = [tok in eos or last_step for _, _, tok, _ in candidates]
+
+        # Finished hypotheses: ending candidates among the best K, if they can still matter.
+        pool_full_and_done = len(finished) == K and cfg.early_stopping
+        nodes = {}
+        for (rank, row, tok, total), ended in zip(candidates, ends):
+            beam = beams[row]
+            if beam.score <= NEG / 2:
+                continue  # a placeholder row: never a real sequence
+            node = tree.add(beam.node, tok, logprobs[row, tok].item(), total, step + 1, "pruned")
+            nodes[rank] = node
+            if ended and rank < K and can_improve and not pool_full_and_done:
+                score = total / ((step + 1) ** cfg.length_penalty)
+                hyp = Hypothesis(
+                    beam.token_ids + [tok], beam.logprobs + [node.logprob], score, "eos" if tok in eos else "length", node.id
+                )
+                finished = sorted(finished + [hyp], key=lambda h: -h.score)[:K]
+        for hyp in finished:
+            tree.nodes[hyp.node].status = "finished"
+            tree.nodes[hyp.node].score = hyp.score
+
+        # Next running beams: the best K candidates that did not end.
+        running = [c for c, ended in zip(candidates, ends) if not ended][:K]
+        while len(running) < K:  # everything ended: pad with impossible rows
+            running.append((None, 0, 0, NEG))
+        new_beams, parents, next_tokens = [], [], []
+        for rank, row, tok, total in running:
+            parent = beams[row]
+            if rank is None or rank not in nodes:
+                new_beams.append(_Beam(parent.token_ids, parent.logprobs, NEG, parent.node))
+            else:
+                node = nodes[rank]
+                node.status = "kept"
+                new_beams.append(_Beam(parent.token_ids + [tok], parent.logprobs + [node.logprob], total, node.id))
+            parents.append(row)
+            next_tokens.append(tok)
+        _record_alternatives(tree, beams, logprobs, totals, cfg.tree_top, step, nodes)
+        beams = new_beams
+
+        # Can a running beam still beat the worst finished one? (transformers' heuristic)
+        generated = step + 1
+        horizon = max_new if (cfg.early_stopping == "never" and cfg.length_penalty > 0) else generated
+        best_running = max(b.score for b in beams) / (horizon**cfg.length_penalty)
+        worst_finished = min(h.score for h in finished) if len(finished) == K else NEG
+        can_improve = can_improve and best_running > worst_finished
+        if last_step or not can_improve or (len(finished) == K and cfg.early_stopping):
+            break
+        cache.reorder(torch.tensor(parents, device=device))
+        logits = model(torch.tensor(next_tokens, device=device)[:, None], None, cache)[:, -1].float()
+
+    best = finished[: cfg.num_return]
+    if best:
+        tree.best_path = tree.path_to(best[0].node)
+    return BeamResult(best, tree, step + 1)
+
+
+def _record_alternatives(tree, beams, logprobs, totals, top, step, nodes) -> None:
+    """Add each live beam's best ``top`` tokens that the global top-2K did not already record."""
+    if top <= 0:
+        return
+    recorded = {(tree.nodes[n.parent].id, n.token_id) for n in nodes.values()}
+    values, indices = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+    for row, beam in enumerate(beams):
+        if beam.score <= NEG / 2:
+            continue
+        for lp, tok in zip(values[row].tolist(), indices[row].tolist()):
+            if (beam.node, tok) not in recorded:
+                tree.add(beam.node, tok, lp, totals[row, tok].item(), step + 1, "pruned")

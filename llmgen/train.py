@@ -1,0 +1,488 @@
+"""Training compact GPT-2 models: from scratch on text files, or fine-tuned on prompt/completion pairs.
+
+Pre-training is next-token cross-entropy with teacher forcing: the model reads a window
+of tokens and is scored on predicting each next one. Fine-tuning concatenates prompt and
+completion into one sequence (a decoder has no separate encoder input) and sets the
+labels of the prompt positions, and of padding, to -100 so only the completion is scored.
+
+The loop never prints: it reports ``Progress`` events to a callback, and the CLI draws
+them. Batches are drawn from a generator seeded by (seed, step), so a resumed run sees
+exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from llmgen.checkpoint import DTYPES, load_checkpoint, save_checkpoint
+from llmgen.config import require
+from llmgen.errors import LlmgenError
+from llmgen.models.gpt2 import GPT2, GPT2Config
+
+IGNORE_INDEX = -100
+EOS = "<|endoftext|>"
+STATE_DIR = "train-state"  # inside the output directory: what --resume continues from
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    vocab_size: int = 4096
+    context: int = 128
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    val_fraction: float = 0.05
+    seed: int = 0
+    bf16: bool = False  # autocast matmuls to bfloat16 (fast on CPUs with AVX512-BF16, and on GPUs)
+    save_dtype: str = "float32"  # how the final weights are stored; float16 halves the file
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.vocab_size >= 258, f"--vocab-size must be >= 258 (256 bytes + EOS + 1 merge), got {self.vocab_size}"),
+            (self.context >= 8, f"--context must be >= 8, got {self.context}"),
+            (self.n_layer >= 1 and self.n_embd >= 8, "model size must be positive"),
+            (self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}"),
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+            (self.save_dtype in ("float32", "bfloat16", "float16"), f"save_dtype {self.save_dtype!r} unknown"),
+        ]
+        for ok, message in checks:
+            require(ok, message)
+
+
+PRESETS = {
+    # Seconds on a laptop CPU: for tests and trying the command out.
+    "tiny": TrainConfig(vocab_size=1024, context=64, n_layer=2, n_embd=64, n_head=4, steps=200, batch_size=16, lr=3e-3),
+    # The embedded default model: 6.9M parameters, 13.7 MB stored as float16, ~35 min on 2 CPU cores.
+    "small": TrainConfig(
+        vocab_size=8000, context=256, n_layer=6, n_embd=256, n_head=8, steps=1000, batch_size=32, lr=1.5e-3,
+        warmup=100, eval_every=100, save_every=100, bf16=True, save_dtype="float16",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One report from the loop: after a step, with the eval loss when one was computed."""
+
+    step: int
+    steps: int
+    loss: float
+    eval_loss: float | None
+    lr: float
+    tokens_per_second: float
+    elapsed: float
+
+
+# ---------------------------------------------------------------- tokenizer and data
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE (GPT-2's scheme): any byte sequence is representable, no unknown token."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def read_documents(paths: list[Path]) -> list[str]:
+    """Each file split into paragraphs (blank-line separated): the unit of the held-out split."""
+    docs = []
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LlmgenError(f"{path}: cannot read training text ({e})") from None
+        paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
+        docs.extend(p for p in paragraphs if p)
+    if not docs:
+        raise LlmgenError("the training files contain no text")
+    return docs
+
+
+def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """A deterministic held-out split of whole paragraphs."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(docs) * val_fraction))
+    val = set(order[:n_val])
+    return [d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val]
+
+
+def token_stream(docs: list[str], tok: Tokenizer) -> torch.Tensor:
+    """All documents as one stream of ids, each followed by EOS so the model learns to end."""
+    eos = tok.token_to_id(EOS)
+    ids: list[int] = []
+    for enc in tok.encode_batch(docs):
+        ids.extend(enc.ids)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(stream: torch.Tensor, context: int, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch`` random windows of context + 1 tokens: inputs are [:-1], targets [1:]."""
+    if len(stream) <= context + 1:
+        raise LlmgenError(f"not enough text: {len(stream)} tokens for windows of {context + 1}")
+    starts = torch.randint(0, len(stream) - context - 1, (batch,), generator=gen)
+    return torch.stack([stream[s : s + context + 1] for s in starts.tolist()])
+
+
+def file_hashes(paths: list[Path]) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+# ---------------------------------------------------------------- prompt/completion pairs
+
+
+def read_pairs(path: Path) -> list[tuple[str, str]]:
+    pairs = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmgenError(f"{path}: cannot read ({e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LlmgenError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("completion"), str):
+            raise LlmgenError(f'{path}:{n}: expected {{"prompt": str, "completion": str}}')
+        pairs.append((rec["prompt"], rec["completion"]))
+    if not pairs:
+        raise LlmgenError(f"{path}: no pairs")
+    return pairs
+
+
+def pair_example(tok: Tokenizer, prompt: str, completion: str, context: int) -> tuple[list[int], int]:
+    """Prompt + completion + EOS as one sequence, and where the completion starts."""
+    p = tok.encode(prompt).ids
+    c = tok.encode(completion).ids + [tok.token_to_id(EOS)]
+    ids = (p + c)[: context + 1]
+    return ids, len(p)
+
+
+def mask_prompt(targets: torch.Tensor, completion_start: torch.Tensor) -> torch.Tensor:
+    """Set targets that predict prompt tokens to -100. ``targets[:, i]`` is the token at i + 1,
+    so target i belongs to the completion once i + 1 >= completion start."""
+    position = torch.arange(targets.shape[1], device=targets.device)[None] + 1
+    return targets.masked_fill(position < completion_start[:, None], IGNORE_INDEX)
+
+
+def pair_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded inputs, attention mask, and labels with prompt and padding set to -100."""
+    width = max(len(ids) for ids, _ in examples)
+    seqs = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    real = torch.zeros(len(examples), width, dtype=torch.long)
+    for i, (ids, _) in enumerate(examples):
+        seqs[i, : len(ids)] = torch.tensor(ids)
+        real[i, : len(ids)] = 1
+    inputs, targets = seqs[:, :-1], seqs[:, 1:]
+    targets = targets.masked_fill(real[:, 1:] == 0, IGNORE_INDEX)
+    labels = mask_prompt(targets, torch.tensor([start for _, start in examples]))
+    return inputs, real[:, :-1], labels
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labels that are not -100."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def init_weights(model: GPT2, n_layer: int, seed: int) -> None:
+    """GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers), LayerNorm 1/0."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else 0.02
+            p.data = torch.randn(p.shape, generator=gen) * std
+        elif "ln" in name and name.endswith("weight"):
+            p.data = torch.ones(p.shape)
+        else:
+            p.data = torch.zeros(p.shape)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only, never on biases, LayerNorm or positions' offsets."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+class Trainer:
+    """One training run: model, optimizer, data sampler, and where it saves itself."""
+
+    def __init__(self, model: GPT2, cfg: TrainConfig, batches: Callable[[int], tuple], val: Callable[[int], tuple],
+                 out_dir: Path, device: torch.device) -> None:
+        self.model, self.cfg, self.batches, self.val = model, cfg, batches, val
+        self.out_dir, self.device = out_dir, device
+        self.optimizer = make_optimizer(model, cfg)
+        self.step = 0
+        self.last_eval: float | None = None
+
+    def _loss(self, inputs, mask, labels) -> torch.Tensor:
+        inputs, labels = inputs.to(self.device), labels.to(self.device)
+        mask = mask.to(self.device) if mask is not None else None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            logits = self.model(inputs, attention_mask=mask)
+        return lm_loss(logits, labels)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        losses = [self._loss(*self.val(i)).item() for i in range(self.cfg.eval_batches)]
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def run(self, on_progress: Callable[[Progress], None] | None = None, stop_after: int | None = None) -> None:
+        """Train until ``cfg.steps`` (or ``stop_after`` steps of this call, used to simulate an interruption)."""
+        cfg, started, tokens = self.cfg, time.perf_counter(), 0
+        self.model.train()
+        done_here = 0
+        while self.step < cfg.steps and (stop_after is None or done_here < stop_after):
+            lr = learning_rate(self.step, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            inputs, mask, labels = self.batches(self.step)
+            loss = self._loss(inputs, mask, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            done_here += 1
+            tokens += int((labels != IGNORE_INDEX).sum())
+            evaluated = None
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                evaluated = self.last_eval = self.evaluate()
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                self.save_state()
+            if on_progress is not None:
+                elapsed = time.perf_counter() - started
+                on_progress(Progress(self.step, cfg.steps, loss.item(), evaluated, lr, tokens / max(elapsed, 1e-9), elapsed))
+
+    def run_resumable(self, resume: bool, on_progress, stop_after: int | None) -> tuple[float, float]:
+        """Continue from the saved state when resuming, else start fresh; return the
+        held-out loss before training (of the original start) and after."""
+        initial = self.evaluate()
+        if resume and self.load_state():
+            initial = _read_record(self.out_dir).get("initial_eval_loss", initial)
+        else:
+            _write_record(self.out_dir, {"initial_eval_loss": initial})
+        self.run(on_progress, stop_after)
+        final = self.last_eval if self.last_eval is not None else self.evaluate()
+        return initial, final
+
+    # -- resumable state: weights and optimizer moments in safetensors, counters in JSON (no pickle)
+
+    def save_state(self) -> None:
+        state_dir = self.out_dir / STATE_DIR
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for p, st in self.optimizer.state.items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                tensors[f"optim.{names[id(p)]}.{key}"] = st[key].detach().cpu().contiguous()
+            tensors[f"optim.{names[id(p)]}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+        tmp = state_dir / "state.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(state_dir / "state.safetensors")
+        meta = {"step": self.step, "last_eval": self.last_eval, "config": asdict(self.cfg)}
+        (state_dir / "state.json").write_text(json.dumps(meta, indent=2))
+
+    def load_state(self) -> bool:
+        state_dir = self.out_dir / STATE_DIR
+        if not (state_dir / "state.json").is_file():
+            return False
+        meta = json.loads((state_dir / "state.json").read_text())
+        tensors = load_file(str(state_dir / "state.safetensors"))
+        self.model.load_state_dict({k[6:]: v.to(self.device) for k, v in tensors.items() if k.startswith("model.")})
+        for name, p in self.model.named_parameters():
+            if f"optim.{name}.exp_avg" in tensors:
+                self.optimizer.state[p] = {
+                    "step": tensors[f"optim.{name}.step"][0].clone(),
+                    "exp_avg": tensors[f"optim.{name}.exp_avg"].to(self.device),
+                    "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"].to(self.device),
+                }
+        self.step, self.last_eval = meta["step"], meta["last_eval"]
+        return True
+
+
+# ---------------------------------------------------------------- entry points
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    initial_eval_loss: float
+    final_eval_loss: float
+    record: dict
+
+
+def _seeded(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def pretrain(
+    files: list[Path],
+    out_dir: Path,
+    cfg: TrainConfig,
+    device: torch.device,
+    resume: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    docs = read_documents(files)
+    train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
+    tok_path = out_dir / STATE_DIR / "tokenizer.json"
+    if resume and tok_path.is_file():
+        tok = Tokenizer.from_file(str(tok_path))
+    else:
+        tok = train_tokenizer(train_docs, cfg.vocab_size)
+        tok_path.parent.mkdir(parents=True, exist_ok=True)
+        tok.save(str(tok_path))
+    train_ids, val_ids = token_stream(train_docs, tok), token_stream(val_docs, tok)
+
+    model_cfg = GPT2Config(
+        vocab_size=tok.get_vocab_size(), n_positions=cfg.context, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head
+    )
+    model = GPT2(model_cfg)
+    init_weights(model, cfg.n_layer, cfg.seed)
+    model.to(device)
+
+    def batch(step: int, stream=train_ids, offset=0):
+        w = windows(stream, cfg.context, cfg.batch_size, _seeded(cfg.seed + offset, step))
+        return w[:, :-1], None, w[:, 1:]
+
+    def val_batch(i: int):
+        return batch(i, val_ids, offset=7919)
+
+    trainer = Trainer(model, cfg, batch, val_batch, out_dir, device)
+    initial, final = trainer.run_resumable(resume, on_progress, stop_after)
+    record = {
+        "kind": "pretrain",
+        "config": asdict(cfg),
+        "data": file_hashes(files),
+        "train_tokens": len(train_ids),
+        "val_tokens": len(val_ids),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": trainer.step,
+        "initial_eval_loss": initial,
+        "final_eval_loss": final,
+        "final_eval_perplexity": math.exp(final),
+    }
+    if trainer.step >= cfg.steps:
+        eos = tok.token_to_id(EOS)
+        save_checkpoint(model, tok, out_dir, {"bos_token_id": eos, "eos_token_id": eos}, DTYPES[cfg.save_dtype])
+    _write_record(out_dir, record)
+    return TrainResult(out_dir, trainer.step, initial, final, record)
+
+
+def finetune(
+    init_dir: Path,
+    pairs_path: Path,
+    out_dir: Path,
+    cfg: TrainConfig,
+    device: torch.device,
+    resume: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    base = load_checkpoint(init_dir, device=str(device), dtype="float32")
+    model = base.model.requires_grad_(True)
+    tok = base.tokenizer
+    if tok.token_to_id(EOS) is None:
+        raise LlmgenError(f"{init_dir}: tokenizer has no {EOS} token to end completions with")
+    context = model.cfg.context_length - 1
+    examples = [pair_example(tok, p, c, context) for p, c in read_pairs(pairs_path)]
+    n_val = max(1, round(len(examples) * cfg.val_fraction)) if len(examples) > 1 else 0
+    order = list(range(len(examples)))
+    random.Random(cfg.seed).shuffle(order)
+    val = [examples[i] for i in order[:n_val]] or examples
+    train = [examples[i] for i in order[n_val:]] or examples
+    pad = tok.token_to_id(EOS)
+
+    def pick(pool, step, offset=0):
+        gen = _seeded(cfg.seed + offset, step)
+        idx = torch.randint(0, len(pool), (min(cfg.batch_size, len(pool)),), generator=gen).tolist()
+        return pair_batch([pool[i] for i in idx], pad)
+
+    cfg = replace(cfg, context=context + 1)
+    trainer = Trainer(model, cfg, lambda s: pick(train, s), lambda i: pick(val, i, 7919), out_dir, device)
+    initial, final = trainer.run_resumable(resume, on_progress, stop_after)
+    record = {
+        "kind": "finetune",
+        "init": str(init_dir),
+        "config": asdict(cfg),
+        "data": file_hashes([pairs_path]),
+        "pairs": len(examples),
+        "steps": trainer.step,
+        "initial_eval_loss": initial,
+        "final_eval_loss": final,
+    }
+    if trainer.step >= cfg.steps:
+        gen = {"bos_token_id": base.bos_token_id, "eos_token_id": list(base.eos_token_ids) or pad}
+        save_checkpoint(model, tok, out_dir, gen, DTYPES[cfg.save_dtype])
+    _write_record(out_dir, record)
+    return TrainResult(out_dir, trainer.step, initial, final, record)
+
+
+def _record_path(out_dir: Path) -> Path:
+    return out_dir / "training.json"
+
+
+def _read_record(out_dir: Path) -> dict:
+    path = _record_path(out_dir)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_record(out_dir: Path, record: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _record_path(out_dir).write_text(json.dumps(record, indent=2) + "\n")
+
+

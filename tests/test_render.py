@@ -1,0 +1,108 @@
+"""What people see: trees and tables for a fixed tiny model, plain when piped.
+
+The beam-tree snapshot is a readable text file; regenerate it with
+``LLMGEN_UPDATE_SNAPSHOTS=1 python -m pytest tests/test_render.py`` after an intended change.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from checkpoints import build_six_word_model
+from llmgen.cli import main
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+
+
+@pytest.fixture(scope="module")
+def six_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("six")
+    build_six_word_model(path)
+    return str(path)
+
+
+@pytest.fixture
+def cli(capsys, six_dir):
+    def invoke(*args):
+        code = main([*args, "--model", six_dir])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
+
+    return invoke
+
+
+def check_snapshot(name: str, text: str) -> None:
+    path = SNAPSHOTS / name
+    if os.environ.get("LLMGEN_UPDATE_SNAPSHOTS"):
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def test_beam_tree_snapshot(cli):
+    out = cli("beam", "I like", "--width", "2", "-n", "3", "--length-penalty", "0", "--show-tree")
+    check_snapshot("beam_tree_width2.txt", out)
+
+
+def test_beam_tree_marks(cli):
+    out = cli("beam", "I like", "--width", "2", "-n", "3", "--length-penalty", "0", "--show-tree")
+    lines = out.splitlines()
+    assert lines[0] == 'beam search, width 2 "I like"'
+    starred = [line for line in lines if "★" in line]
+    assert [line.split('"')[1] for line in starred] == ["coffee", "coffee", "coffee"]  # the winning path
+    assert "■ end score=-2.097" in starred[-1]
+    assert any('"like"  p=0.537  Σ=-0.623' in line for line in lines)  # greedy's first step survives, then loses
+    assert sum("✗" in line for line in lines) >= 6
+    assert "\x1b[" not in out  # piped: plain text
+
+
+def test_tree_stays_bounded_for_wide_beams(cli):
+    out = cli("beam", "I like", "--width", "6", "-n", "4", "--show-tree", "--tree-top", "1")
+    assert len(out.splitlines()) < 120
+
+
+def test_exact_tree_and_json(cli, capsys):
+    out = cli("exact", "I like", "-n", "3", "--show-tree")
+    assert "★" in out and "■ end" in out and out.rstrip().endswith("like coffee coffee")
+    rec = json.loads(cli("exact", "I like", "-n", "3", "--json"))
+    assert rec["text"] == "like coffee coffee" and rec["proven"] is True
+    assert rec["expanded"] >= 1 and rec["logprob"] == pytest.approx(sum(rec["logprobs"]))
+
+
+def test_beam_json(cli):
+    rec = json.loads(cli("beam", "I like", "-w", "3", "-n", "3", "--num-return", "3", "--json"))
+    assert len(rec["beams"]) == 3
+    assert [b["score"] for b in rec["beams"]] == sorted((b["score"] for b in rec["beams"]), reverse=True)
+    assert rec["text"] == rec["beams"][0]["text"] and rec["prompt"] == "I like"
+
+
+def test_probs_table_marks_filters(cli):
+    out = cli("probs", "I like", "-t", "0.7", "-k", "2", "--seed", "0")
+    assert "top-k" in out and "model p" in out and "after T" in out and "◀" in out
+    assert "2 of 7 tokens can be drawn" in out
+    out = cli("probs", "I like", "-p", "0.5", "--seed", "0", "--steps", "2")
+    assert out.count("tokens can be drawn") == 2 and "top-p" in out
+
+
+def test_probs_json_renormalises(cli):
+    recs = [json.loads(line) for line in cli("probs", "I like", "-k", "3", "--json", "--top", "7").splitlines()]
+    final = [c["final_prob"] for c in recs[0]["candidates"]]
+    assert sum(final) == pytest.approx(1.0) and sum(p > 0 for p in final) == 3
+    assert [c["removed_by"] for c in recs[0]["candidates"]].count("top-k") == 4
+
+
+def test_run_show_probs_and_sample_tree(cli):
+    out = cli("run", "I like", "-n", "3", "-t", "0", "--show-probs")
+    assert "step by step" in out and "alternatives" in out
+    out = cli("run", "I like", "-n", "3", "--num-samples", "20", "--seed", "1", "--show-tree")
+    assert out.startswith('samples "I like"  ×20')
+    counts = [int(line.split("×")[1].split()[0]) for line in out.splitlines()[1:] if line.startswith(("├── ", "└── "))]
+    assert sum(counts) == 20
+
+
+def test_compare_shows_greedy_is_not_optimal(cli):
+    out = cli("compare", "I like", "-n", "3", "-w", "2", "--seed", "1")
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.startswith("│ ") and line.split("│")[1].strip()}
+    assert "-2.441" in rows["greedy"] and "-2.097" in rows["beam (width 2)"] and "-1.997" in rows["exact"]
