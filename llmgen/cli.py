@@ -11,6 +11,7 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -244,8 +245,7 @@ def beam(
 ) -> None:
     """Beam search: keep the WIDTH most probable partial sequences at every step.
 
-    --show-tree draws every candidate each beam considered: survivors bold, pruned dim,
-    finished hypotheses marked, the winning path green.
+    --show-tree draws every candidate each beam considered: survivors bold, pruned dim, finished hypotheses marked, the winning path green.
     """
     from llmgen.decoding.beam import BeamConfig, beam_search
 
@@ -293,8 +293,7 @@ def exact(
 ) -> None:
     """The provably most probable continuation (ending at EOS or after N tokens).
 
-    Best-first search on cumulative log-probability, bounded by the greedy sequence:
-    reports the nodes expanded against the |V|^N sequences brute force would score.
+    Best-first search on cumulative log-probability, bounded by the greedy sequence: reports the nodes expanded against the |V|^N sequences brute force would score.
     """
     from llmgen.decoding.exact import ExactConfig, exact_search
 
@@ -341,8 +340,8 @@ def probs(
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """The next-token distribution as a table: model probability, after temperature, after
-    top-k / top-p / min-p and renormalisation, and which filter removed each token."""
+    """The next-token distribution as a table: model probability, after temperature, after top-k / top-p / min-p and renormalisation, and which filter removed each token.
+    """
     from llmgen import config
     from llmgen.decoding.probs import follow
 
@@ -391,8 +390,8 @@ def compare(
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Greedy, beam, exact and sampled continuations side by side, each with its total
-    log-probability: see for yourself that greedy is not always the most probable."""
+    """Greedy, beam, exact and sampled continuations side by side, each with its total log-probability: see for yourself that greedy is not always the most probable.
+    """
     from dataclasses import replace
 
     from llmgen import config
@@ -444,8 +443,7 @@ def score(
 ) -> None:
     """Teacher-forced log-probability of every token of TEXT, and its perplexity.
 
-    The first token is scored after the model's BOS token when it has one; otherwise it
-    has no context and its logprob is null.
+    The first token is scored after the model's BOS token when it has one; otherwise it has no context and its logprob is null.
     """
     content = _read_prompt(text)
 
@@ -466,6 +464,84 @@ def score(
         return
     tokens = [ckpt.token_text(t) for t in result.token_ids]
     render.stdout_console().print(render.score_table(tokens, result.token_ids, result.logprobs, result.perplexity))
+
+
+@app.command()
+def batch(
+    input_path: Annotated[str, typer.Argument(metavar="INPUT", help="Prompts: a text file (one per line) or JSONL (.jsonl) of {prompt, id?, max_new_tokens?, temperature?, top_k?, top_p?, seed?}; '-' is stdin.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL to append to (resumable). Default: stdout.")] = None,
+    model: ModelOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts generated together.")] = 16,
+    max_new_tokens: MaxNewOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionOpt = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Base seed: a record without its own seed uses seed + index.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable), for every record.")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-sequence token.")] = False,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: only records whose index is I mod N.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT instead of resuming it.")] = False,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Write an error record for a malformed input record and go on.")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Generate for every prompt of INPUT: one JSONL record each, with `index` and the fields of run --json.
+
+    Re-running the same command resumes: records already in OUTPUT are skipped, a torn last line is repaired. Records come out in batch order; each carries its `index`.
+    """
+    from llmgen import batch as batching
+    from llmgen import config
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    flags = _sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens)
+    gen = config.GenerationConfig(stop=tuple(stop or ()), ignore_eos=ignore_eos, seed=seed)
+    shard_i, shard_n = batching.parse_shard(shard)
+    records = batching.read_input(input_path)
+    mine = [r for r in records if r.index % shard_n == shard_i]
+    batching.validate(mine, flags, {})
+    _stop_on_invalid(input_path, mine, skip_invalid)
+    done = batching.load_existing(output, records, overwrite) if output else {}
+    todo = [r for r in mine if r.index not in done]
+    sink = batching.Sink(output)  # fails now, before the model loads, if OUTPUT is unwritable
+
+    from llmgen import render
+    from llmgen.decoding.greedy_sample import check_prompt_fits
+
+    ckpt = _load(model, device, dtype)
+    gen = replace(gen, eos_token_ids=ckpt.eos_token_ids)
+    batching.validate(todo, flags, ckpt.generation_defaults)
+    base = seed if seed is not None else batching.base_seed_from(done, records)
+    if base is None:
+        base = int.from_bytes(os.urandom(4), "little")
+    jobs, keys = [], {}
+    for rec in todo:
+        if rec.error is None:
+            ids = _prompt_ids(ckpt, rec.prompt)
+            try:
+                check_prompt_fits(len(ids), ckpt.model.cfg.context_length)
+            except LlmgenError as e:
+                rec.error = str(e)
+        if rec.error is not None:
+            continue
+        sampling, limit = batching.settings(rec, flags, ckpt.generation_defaults)
+        keys[rec.index] = sampling
+        jobs.append(batching.Job(rec, ids, rec.overrides.get("seed", base + rec.index), limit))
+    _stop_on_invalid(input_path, todo, skip_invalid)
+    errors = [batching.error_record(r) for r in todo if r.error is not None]
+    if errors:
+        sink.write(errors)
+    with render.BatchProgress(len(todo), already=len(errors)) as progress:
+        batching.run_batches(ckpt, batching.plan(jobs, keys, batch_size), gen, sink, progress.update)
+    sink.close()
+
+
+def _stop_on_invalid(input_path: str, records, skip_invalid: bool) -> None:
+    bad = next((r for r in records if r.error is not None), None)
+    if bad is not None and not skip_invalid:
+        raise LlmgenError(f"{input_path}:{bad.line}: {bad.error} (nothing generated; --skip-invalid writes an error record and goes on)")
 
 
 @app.command()
@@ -490,8 +566,7 @@ def train(
 ) -> None:
     """Train a GPT-2 model on TEXT_FILES (tokenizer too), or fine-tune one with --init and --pairs.
 
-    Writes an ordinary checkpoint directory that --model loads, plus training.json
-    (config, data hashes, losses). Progress goes to stderr.
+    Writes an ordinary checkpoint directory that --model loads, plus training.json (config, data hashes, losses). Progress goes to stderr.
     """
     from dataclasses import replace
 

@@ -264,3 +264,40 @@ def compare_table(rows: list[dict]) -> Table:
         style = "bold green" if math.isclose(r["logprob"], best, abs_tol=1e-6) else ""
         table.add_row(r["strategy"], token_label(r["text"]), str(len(r["token_ids"])), f"{r['logprob']:.3f}", r.get("note", ""), style=style)
     return table
+
+
+class BatchProgress:
+    """Records done, tokens/s and ETA on stderr while a batch file runs (silent when not a terminal)."""
+
+    def __init__(self, total: int, already: int = 0) -> None:
+        self.console = stderr_console()
+        self.started = None
+        self.tokens = 0
+        self.progress = Progress(
+            TextColumn("[bold]batch"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} tok/s"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.console.is_terminal,
+        )
+        self.task = self.progress.add_task("batch", total=total, completed=already, rate="-")
+
+    def __enter__(self) -> BatchProgress:
+        import time
+
+        self.started = time.perf_counter()
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def update(self, records: int, tokens: int) -> None:
+        import time
+
+        self.tokens += tokens
+        rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        self.progress.update(self.task, advance=records, rate=f"{rate:,.0f}")

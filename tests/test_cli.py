@@ -134,3 +134,30 @@ def test_closed_pipe_ends_quietly(gpt2_dir, fmt):
 def test_piped_output_has_no_control_codes(gpt2_dir):
     proc = _script("run", "I like", "--model", str(gpt2_dir[0]), "-n", "5", "-t", "0")
     assert proc.returncode == 0 and b"\x1b[" not in proc.stdout
+
+
+def test_terminal_streams_continuation_and_reports_seed(gpt2_dir):
+    """On a real terminal (a pty), the text streams and a summary line names the seed."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: stdout and stderr are the pty
+        os.execvp(sys.executable, [sys.executable, "-m", "llmgen", "run", "I like", "--model", str(gpt2_dir[0]),
+                                   "-n", "6", "--seed", "5", "--ignore-eos", "--echo"])
+    chunks = []
+    while True:
+        ready, _, _ = select.select([fd], [], [], 60)
+        if not ready:
+            break
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    screen = b"".join(chunks).decode("utf-8", "replace")
+    assert os.waitstatus_to_exitcode(status) == 0, screen
+    assert "I like" in screen and "seed 5" in screen and "6 tokens" in screen

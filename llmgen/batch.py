@@ -1,0 +1,262 @@
+"""Generating for a file of prompts: JSONL out, batch by batch, safe to interrupt.
+
+Records are grouped by sampling settings, sorted by prompt length to reduce padding,
+and generated in batches (``decoding.greedy_sample.generate_batch``). Each batch's
+records are appended and flushed as soon as they are done, so after a crash or
+``kill -9`` re-running the same command repairs a torn last line, skips the records
+already written and generates only the rest. Every record carries its ``index`` (its
+position in the input), so the output can be put back in input order with
+``jq -s 'sort_by(.index)[]'``.
+
+Seeds: a record's own ``seed``, else ``--seed`` + index (a random base when no
+``--seed``; a resumed run reuses the base the first run wrote down in its records).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from llmgen import config
+from llmgen.errors import LlmgenError, UsageError
+
+RECORD_KEYS = {"prompt", "id", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+@dataclass
+class InputRecord:
+    index: int
+    line: int
+    prompt: str = ""
+    id: Any = None
+    overrides: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+def parse_shard(value: str | None) -> tuple[int, int]:
+    if value is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard must look like I/N (e.g. 0/4), got {value!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise UsageError(f"--shard I/N needs 0 <= I < N, got {value!r}")
+    return i, n
+
+
+def read_input(path: str, stdin=None) -> list[InputRecord]:
+    """Every record of INPUT, each with an ``error`` if it is malformed (never raised here)."""
+    if path == "-":
+        raw = (stdin or sys.stdin.buffer).read()
+        name = "<stdin>"
+        jsonl = raw.lstrip()[:1] == b"{"
+    else:
+        p = Path(path)
+        try:
+            raw = p.read_bytes()
+        except OSError as e:
+            raise LlmgenError(f"{path}: cannot read input ({e.strerror or e})") from None
+        name, jsonl = path, p.suffix.lower() in JSONL_SUFFIXES
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise LlmgenError(f"{name}:{line}: not valid UTF-8") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = InputRecord(index=len(records), line=number)
+        if jsonl:
+            _parse_json_record(rec, line)
+        else:
+            rec.prompt = line
+        records.append(rec)
+    return records
+
+
+def _parse_json_record(rec: InputRecord, line: str) -> None:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        rec.error = f"not JSON ({e.msg})"
+        return
+    if not isinstance(obj, dict):
+        rec.error = "expected a JSON object"
+        return
+    unknown = set(obj) - RECORD_KEYS
+    if unknown:
+        rec.error = f"unknown field {sorted(unknown)[0]!r} (allowed: {', '.join(sorted(RECORD_KEYS))})"
+        return
+    if not isinstance(obj.get("prompt"), str):
+        rec.error = 'needs a "prompt" string'
+        return
+    rec.prompt, rec.id = obj["prompt"], obj.get("id")
+    types = {"max_new_tokens": int, "top_k": int, "seed": int, "temperature": (int, float), "top_p": (int, float)}
+    for key, kind in types.items():
+        if key in obj and obj[key] is not None:
+            value = obj[key]
+            if isinstance(value, bool) or not isinstance(value, kind):
+                rec.error = f'"{key}" must be a number' + (" (integer)" if kind is int else "")
+                return
+            rec.overrides[key] = value
+
+
+def validate(records: list[InputRecord], flags: dict, defaults: dict) -> None:
+    """Check each record's merged settings; a bad value becomes the record's error."""
+    for rec in records:
+        if rec.error:
+            continue
+        try:
+            settings(rec, flags, defaults)
+            seed = rec.overrides.get("seed")
+            config.require(seed is None or 0 <= seed < 2**63, f"seed must be in [0, 2**63), got {seed}")
+        except UsageError as e:
+            rec.error = re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), str(e))
+
+
+def settings(rec: InputRecord, flags: dict, defaults: dict) -> tuple[config.SamplingConfig, int]:
+    """The record's sampling config and max_new_tokens: record > flag > model > llmgen."""
+    merged = {**flags, **{k: v for k, v in rec.overrides.items() if k != "seed"}}
+    values = config.resolve(merged, defaults)
+    config.require(values["max_new_tokens"] >= 1, f"--max-new-tokens must be >= 1, got {values['max_new_tokens']}")
+    return config.sampling_from(values), values["max_new_tokens"]
+
+
+# ---------------------------------------------------------------- the output file
+
+
+def load_existing(path: Path, records: list[InputRecord], overwrite: bool) -> dict[int, dict]:
+    """Records already in OUTPUT, after repairing a torn last line.
+
+    Refuses (unless ``overwrite``) when OUTPUT holds records that do not match INPUT."""
+    if not path.exists():
+        return {}
+    if overwrite:
+        path.write_bytes(b"")
+        return {}
+    data = path.read_bytes()
+    good_end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
+    if good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    done: dict[int, dict] = {}
+    for number, line in enumerate(data[:good_end].decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out = json.loads(line)
+            index = out["index"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise LlmgenError(f"{path}:{number}: not an llmgen batch record; use --overwrite or another -o") from None
+        if not (isinstance(index, int) and 0 <= index < len(records)) or out.get("prompt", records[index].prompt) != records[index].prompt:
+            raise LlmgenError(f"{path} holds records of a different input (line {number}); use --overwrite to replace it")
+        done[index] = out
+    return done
+
+
+def base_seed_from(done: dict[int, dict], records: list[InputRecord]) -> int | None:
+    """The ``--seed`` base a previous run used, read back from a record that had no seed of its own."""
+    for index, out in done.items():
+        if isinstance(out.get("seed"), int) and "seed" not in records[index].overrides:
+            return out["seed"] - index
+    return None
+
+
+class Sink:
+    """Appends JSON lines and flushes after each batch, so a kill loses at most one batch."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        try:
+            self.stream = open(path, "a", encoding="utf-8") if path else None
+        except OSError as e:
+            raise LlmgenError(f"{path}: cannot write output ({e.strerror or e})") from None
+
+    def write(self, records: list[dict]) -> None:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        if self.stream is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            self.stream.write(text)
+            self.stream.flush()
+            os.fsync(self.stream.fileno())
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
+
+# ---------------------------------------------------------------- running
+
+
+@dataclass(frozen=True)
+class Job:
+    record: InputRecord
+    prompt_ids: list[int]
+    seed: int | None
+    max_new_tokens: int
+
+
+def plan(jobs: list[Job], keys: dict[int, config.SamplingConfig], batch_size: int) -> list[tuple[config.SamplingConfig, list[Job]]]:
+    """Group jobs by sampling config, sort each group by prompt length, cut into batches."""
+    groups: dict[config.SamplingConfig, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(keys[job.record.index], []).append(job)
+    batches = []
+    for sampling, group in groups.items():
+        group.sort(key=lambda j: (len(j.prompt_ids), j.record.index))
+        batches += [(sampling, group[i : i + batch_size]) for i in range(0, len(group), batch_size)]
+    return batches
+
+
+def run_batches(
+    ckpt,
+    batches: list[tuple[config.SamplingConfig, list[Job]]],
+    gen: config.GenerationConfig,
+    sink: Sink,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> None:
+    from llmgen.decoding.greedy_sample import Row, generate_batch
+
+    for sampling, jobs in batches:
+        rows = [Row(j.prompt_ids, None if sampling.greedy else j.seed, j.max_new_tokens) for j in jobs]
+        samples = generate_batch(ckpt.model, rows, replace(gen, sampling=sampling), ckpt.decode)
+        sink.write([output_record(j, s) for j, s in zip(jobs, samples)])
+        if on_batch is not None:
+            on_batch(len(jobs), sum(len(s.token_ids) for s in samples))
+
+
+def output_record(job: Job, sample) -> dict:
+    rec = {"index": job.record.index}
+    if job.record.id is not None:
+        rec["id"] = job.record.id
+    rec.update(
+        prompt=job.record.prompt,
+        prompt_token_ids=job.prompt_ids,
+        text=sample.text,
+        token_ids=sample.token_ids,
+        logprobs=sample.logprobs,
+        finish_reason=sample.finish_reason,
+        seed=sample.seed,
+    )
+    return rec
+
+
+def error_record(rec: InputRecord) -> dict:
+    out = {"index": rec.index}
+    if rec.id is not None:
+        out["id"] = rec.id
+    out.update(prompt=rec.prompt, line=rec.line, error=rec.error)
+    return out
+
+
