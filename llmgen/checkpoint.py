@@ -58,6 +58,37 @@ class Checkpoint:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
+def describe(ckpt: Checkpoint) -> dict:
+    """What ``llmgen info`` reports about a loaded model."""
+    cfg = ckpt.model.cfg
+    files = {p.name: p.stat().st_size for p in sorted(ckpt.path.iterdir()) if p.is_file()}
+    embedded = ckpt.path.resolve() == (Path(__file__).parent / "assets" / "default-model").resolve()
+    source = "embedded in llmgen" if embedded else str(ckpt.path.resolve())
+    record = ckpt.path / "training.json"
+    if record.is_file():
+        try:
+            kind = json.loads(record.read_text()).get("kind", "pretrain")
+            source += f" (trained by llmgen train, {kind})"
+        except (OSError, json.JSONDecodeError):
+            pass
+    return {
+        "path": str(ckpt.path),
+        "source": source,
+        "architecture": ckpt.model_type,
+        "parameters": sum(p.numel() for p in ckpt.model.parameters()),
+        "layers": getattr(cfg, "n_layer", None),
+        "vocab_size": cfg.vocab_size,
+        "tokenizer_vocab_size": ckpt.tokenizer.get_vocab_size(),
+        "context_length": cfg.context_length,
+        "dtype": str(ckpt.dtype).removeprefix("torch."),
+        "device": str(ckpt.device),
+        "eos_token_ids": list(ckpt.eos_token_ids),
+        "bos_token_id": ckpt.bos_token_id,
+        "generation_defaults": ckpt.generation_defaults,
+        "files": files,
+    }
+
+
 def default_model_dir(explicit: str | None) -> Path:
     """Which model to load: ``--model``, else ``$LLMGEN_MODEL``, else the embedded model."""
     if explicit:

@@ -49,6 +49,8 @@ RepetitionOpt = Annotated[Optional[float], typer.Option("--repetition-penalty", 
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed; sample i uses seed + i. Default: random, and reported.")]
 EchoOpt = Annotated[bool, typer.Option("--echo", help="Print the prompt before the continuation.")]
 ShowTreeOpt = Annotated[bool, typer.Option("--show-tree", help="Draw the search tree.")]
+TruncateOpt = Annotated[str, typer.Option("--truncate", help="A prompt too long for the context: 'none' is an error, 'left' keeps its last tokens that fit.")]
+ErrorsOpt = Annotated[str, typer.Option("--errors", help="Invalid UTF-8 on stdin: 'strict' is an error, 'replace' substitutes U+FFFD.")]
 TreeTopOpt = Annotated[int, typer.Option("--tree-top", help="Pruned candidates drawn per node in the tree.")]
 
 
@@ -69,27 +71,46 @@ def _root(
     _debug = debug or _debug
 
 
-def _read_prompt(prompt: str | None) -> str:
+def _read_prompt(prompt: str | None, errors: str = "strict") -> str:
     """PROMPT, or stdin for ``-`` or when no PROMPT is given and stdin is a pipe.
 
     One trailing newline from stdin is dropped, as the shell does for ``$(...)``,
     so ``echo "I like" | llmgen run`` means the prompt "I like"."""
+    if errors not in ("strict", "replace"):
+        raise UsageError(f"--errors must be strict or replace, got {errors!r}")
     if prompt is None and sys.stdin.isatty():
         raise UsageError("missing PROMPT (give it as an argument, or '-' to read stdin)")
     if prompt is not None and prompt != "-":
-        return prompt
-    data = sys.stdin.buffer.read()
+        # Invalid bytes in argv reach Python as lone surrogates; judge them like stdin's.
+        return _decode(prompt.encode("utf-8", "surrogateescape"), errors, "PROMPT")
+    return _decode(sys.stdin.buffer.read(), errors, "stdin").removesuffix("\n")
+
+
+def _decode(data: bytes, errors: str, source: str) -> str:
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
-        raise LlmgenError(f"stdin is not valid UTF-8 (byte {e.start})") from None
-    return text.removesuffix("\n")
+        raise LlmgenError(f"{source} is not valid UTF-8 (byte {e.start}); --errors replace substitutes U+FFFD") from None
 
 
-def _prompt_ids(ckpt, prompt: str) -> list[int]:
+def _prompt_ids(ckpt, prompt: str, truncate: str = "none", room: int = 1) -> list[int]:
+    """Token ids of the prompt; BOS alone for an empty prompt when the model has one.
+
+    With ``truncate='left'`` a prompt too long for the context keeps its last tokens,
+    leaving ``room`` positions to generate into (at least one)."""
+    if truncate not in ("none", "left"):
+        raise UsageError(f"--truncate must be none or left, got {truncate!r}")
     ids = ckpt.encode(prompt)
     if not ids and ckpt.bos_token_id is not None:
         ids = [ckpt.bos_token_id]
+    context = ckpt.model.cfg.context_length
+    if truncate == "left" and len(ids) + 1 > context:
+        keep = max(1, context - max(1, min(room, context - 1)))
+        ids = ids[-keep:]
+    elif len(ids) >= context:
+        raise LlmgenError(
+            f"the prompt is {len(ids)} tokens; the model's context is {context} (--truncate left keeps the last tokens that fit)"
+        )
     return ids
 
 
@@ -118,6 +139,8 @@ def run(
     echo: EchoOpt = False,
     show_probs: Annotated[bool, typer.Option("--show-probs", help="After generating, show each step's token probability and the best alternatives.")] = False,
     show_tree: Annotated[bool, typer.Option("--show-tree", help="With --num-samples: merge the samples into one prefix tree with counts.")] = False,
+    truncate: TruncateOpt = "none",
+    errors: ErrorsOpt = "strict",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -130,14 +153,14 @@ def run(
 
     flags = _sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens)
     gen = config.GenerationConfig(num_samples=num_samples, stop=tuple(stop or ()), seed=seed, ignore_eos=ignore_eos)
-    text = _read_prompt(prompt)
+    text = _read_prompt(prompt, errors)
 
     from llmgen import render
     from llmgen.decoding.greedy_sample import generate
 
     ckpt = _load(model, device, dtype)
     gen = _generation_for(ckpt, flags, gen)
-    ids = _prompt_ids(ckpt, text)
+    ids = _prompt_ids(ckpt, text, truncate, gen.max_new_tokens)
 
     out = render.stdout_console()
     streaming = not as_json and num_samples == 1 and render.is_terminal() and not show_tree
@@ -239,6 +262,8 @@ def beam(
     show_tree: ShowTreeOpt = False,
     tree_top: TreeTopOpt = 3,
     echo: EchoOpt = False,
+    truncate: TruncateOpt = "none",
+    errors: ErrorsOpt = "strict",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -250,14 +275,14 @@ def beam(
     from llmgen.decoding.beam import BeamConfig, beam_search
 
     cfg = BeamConfig(width, max_new_tokens, length_penalty, num_return, no_repeat_ngram_size, early_stopping, (), tree_top)
-    text = _read_prompt(prompt)
+    text = _read_prompt(prompt, errors)
     from dataclasses import replace
 
     from llmgen import render
 
     ckpt = _load(model, device, dtype)
     cfg = replace(cfg, eos_token_ids=ckpt.eos_token_ids)
-    ids = _prompt_ids(ckpt, text)
+    ids = _prompt_ids(ckpt, text, truncate, max_new_tokens)
     result = beam_search(ckpt.model, ids, cfg)
     hyps = result.hypotheses
     if as_json:
@@ -287,6 +312,8 @@ def exact(
     show_tree: ShowTreeOpt = False,
     tree_top: TreeTopOpt = 3,
     echo: EchoOpt = False,
+    truncate: TruncateOpt = "none",
+    errors: ErrorsOpt = "strict",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -298,13 +325,13 @@ def exact(
     from llmgen.decoding.exact import ExactConfig, exact_search
 
     cfg = ExactConfig(max_new_tokens=max_new_tokens, max_expansions=max_expansions)
-    text = _read_prompt(prompt)
+    text = _read_prompt(prompt, errors)
     from dataclasses import replace
 
     from llmgen import render
 
     ckpt = _load(model, device, dtype)
-    ids = _prompt_ids(ckpt, text)
+    ids = _prompt_ids(ckpt, text, truncate, max_new_tokens)
     result = exact_search(ckpt.model, ids, replace(cfg, eos_token_ids=ckpt.eos_token_ids), ckpt.decode)
     continuation = ckpt.decode(result.token_ids)
     if as_json:
@@ -336,6 +363,8 @@ def probs(
     min_p: MinPOpt = None,
     repetition_penalty: RepetitionOpt = None,
     seed: SeedOpt = None,
+    truncate: TruncateOpt = "none",
+    errors: ErrorsOpt = "strict",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -348,12 +377,12 @@ def probs(
     if steps < 1 or top < 1:
         raise UsageError("--steps and --top must be >= 1")
     flags = _sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, None)
-    text = _read_prompt(prompt)
+    text = _read_prompt(prompt, errors)
     from llmgen import render
 
     ckpt = _load(model, device, dtype)
     gen = _generation_for(ckpt, flags, config.GenerationConfig(seed=seed))
-    ids = _prompt_ids(ckpt, text)
+    ids = _prompt_ids(ckpt, text, truncate, steps)
     dists = follow(ckpt.model, ids, gen.sampling, steps, gen.seed)
     if as_json:
         for d in dists:
@@ -386,6 +415,8 @@ def compare(
     min_p: MinPOpt = None,
     seed: SeedOpt = None,
     max_expansions: Annotated[int, typer.Option("--max-expansions", help="Budget for the exact search.")] = 2000,
+    truncate: TruncateOpt = "none",
+    errors: ErrorsOpt = "strict",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -402,11 +433,11 @@ def compare(
     flags = _sampling_flags(temperature, top_k, top_p, min_p, None, max_new_tokens)
     beam_cfg = BeamConfig(width=width, max_new_tokens=max_new_tokens, length_penalty=0.0)
     exact_cfg = ExactConfig(max_new_tokens=max_new_tokens, max_expansions=max_expansions)
-    text = _read_prompt(prompt)
+    text = _read_prompt(prompt, errors)
     from llmgen import render
 
     ckpt = _load(model, device, dtype)
-    ids = _prompt_ids(ckpt, text)
+    ids = _prompt_ids(ckpt, text, truncate, max_new_tokens)
     eos = ckpt.eos_token_ids
     sampled = _generation_for(ckpt, flags, config.GenerationConfig(seed=seed))
     if sampled.sampling.greedy:
@@ -437,6 +468,7 @@ def compare(
 def score(
     text: Annotated[Optional[str], typer.Argument(help="Text to score; '-' reads stdin.", show_default=False)] = None,
     model: ModelOpt = None,
+    errors: ErrorsOpt = "strict",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -445,7 +477,7 @@ def score(
 
     The first token is scored after the model's BOS token when it has one; otherwise it has no context and its logprob is null.
     """
-    content = _read_prompt(text)
+    content = _read_prompt(text, errors)
 
     from llmgen import render
     from llmgen.scoring import score as score_text
@@ -467,6 +499,24 @@ def score(
 
 
 @app.command()
+def info(
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Describe a model: architecture, parameters, vocabulary, context, dtype, device, files and where it came from."""
+    from llmgen import render
+    from llmgen.checkpoint import describe
+
+    facts = describe(_load(model, device, dtype))
+    if as_json:
+        _write_json(facts)
+        return
+    render.stdout_console().print(render.info_table(facts))
+
+
+@app.command()
 def batch(
     input_path: Annotated[str, typer.Argument(metavar="INPUT", help="Prompts: a text file (one per line) or JSONL (.jsonl) of {prompt, id?, max_new_tokens?, temperature?, top_k?, top_p?, seed?}; '-' is stdin.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL to append to (resumable). Default: stdout.")] = None,
@@ -484,6 +534,7 @@ def batch(
     shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: only records whose index is I mod N.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT instead of resuming it.")] = False,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Write an error record for a malformed input record and go on.")] = False,
+    truncate: TruncateOpt = "none",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -519,8 +570,8 @@ def batch(
     jobs, keys = [], {}
     for rec in todo:
         if rec.error is None:
-            ids = _prompt_ids(ckpt, rec.prompt)
             try:
+                ids = _prompt_ids(ckpt, rec.prompt, truncate, batching.settings(rec, flags, ckpt.generation_defaults)[1])
                 check_prompt_fits(len(ids), ckpt.model.cfg.context_length)
             except LlmgenError as e:
                 rec.error = str(e)

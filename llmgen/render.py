@@ -301,3 +301,24 @@ class BatchProgress:
         self.tokens += tokens
         rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
         self.progress.update(self.task, advance=records, rate=f"{rate:,.0f}")
+
+
+def info_table(facts: dict) -> Table:
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for key in ("source", "architecture", "parameters", "layers", "vocab_size", "tokenizer_vocab_size",
+                "context_length", "dtype", "device", "eos_token_ids", "bos_token_id", "generation_defaults"):
+        value = facts[key]
+        table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
+    files = ", ".join(f"{name} ({_size(size)})" for name, size in facts["files"].items())
+    table.add_row("files", files)
+    return table
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
