@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,10 +157,14 @@ def read_tensors(files: list[Path], dtype: torch.dtype) -> tuple[dict[str, torch
             raise ModelError(f"{path}: file not found (named in {WEIGHTS_INDEX})")
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
+                names = list(f.keys())
+            for name in names:
+                # One mapping per tensor: pages of the file read so far are unmapped at once,
+                # so peak memory is the weights plus one tensor, not the weights twice.
+                with safe_open(str(path), framework="pt", device="cpu") as f:
                     t = f.get_tensor(name)
-                    tensors[name] = t.to(dtype) if t.is_floating_point() else t
-                    origin[name] = path
+                tensors[name] = t.to(dtype) if t.is_floating_point() else t
+                origin[name] = path
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
     return tensors, origin
@@ -187,13 +192,15 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str = "auto", dtype: s
     model_cls, cfg_cls = ARCHITECTURES[model_type]
     try:
         cfg = cfg_cls.from_hf(hf_cfg)
-        with torch.device("meta"):
+        with torch.device("meta"), _skip_init():
             model = model_cls(cfg)
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ModelError(f"{cfg_path}: invalid {model_type} config ({e})") from None
 
     tensors, origin = read_tensors(weight_files(model_dir), torch_dtype)
-    state = _checked_state_dict(model, model_cls.rename_checkpoint(tensors, cfg), origin, model_dir)
+    renamed = model_cls.rename_checkpoint(tensors, cfg)
+    del tensors  # from here each original is referenced once, so it is freed as it is copied
+    state = _checked_state_dict(model, renamed, origin, model_dir)
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(torch_device).eval().requires_grad_(False)
 
@@ -251,6 +258,21 @@ def save_checkpoint(
     return out_dir
 
 
+@contextmanager
+def _skip_init():
+    """Build the module skeleton without initialising it: every tensor comes from the
+    checkpoint. (Random init on the meta device also imports torch._dynamo: ~1 s.)"""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_", "trunc_normal_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def _checked_state_dict(model, renamed, origin, model_dir) -> dict[str, torch.Tensor]:
     """Match checkpoint tensors to parameters by name and shape, naming the first mismatch."""
     expected = {name: p.shape for name, p in model.state_dict().items()}
@@ -266,4 +288,8 @@ def _checked_state_dict(model, renamed, origin, model_dir) -> dict[str, torch.Te
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ModelError(f"{model_dir}: missing tensor {missing[0]!r}{more}")
-    return {name: t.contiguous() for name, (_, t) in renamed.items()}
+    state = {}
+    for name in list(renamed):
+        _, t = renamed.pop(name)
+        state[name] = t.contiguous()  # a copy only for transposed weights; the original goes now
+    return state

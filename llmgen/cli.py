@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.text import Text
 
 from llmgen import __version__
 from llmgen.errors import LlmgenError, OutputClosed, UsageError
@@ -50,7 +49,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random see
 EchoOpt = Annotated[bool, typer.Option("--echo", help="Print the prompt before the continuation.")]
 ShowTreeOpt = Annotated[bool, typer.Option("--show-tree", help="Draw the search tree.")]
 TruncateOpt = Annotated[str, typer.Option("--truncate", help="A prompt too long for the context: 'none' is an error, 'left' keeps its last tokens that fit.")]
-ErrorsOpt = Annotated[str, typer.Option("--errors", help="Invalid UTF-8 on stdin: 'strict' is an error, 'replace' substitutes U+FFFD.")]
+ErrorsOpt = Annotated[str, typer.Option("--errors", help="Invalid UTF-8 in PROMPT or on stdin: 'strict' is an error, 'replace' substitutes U+FFFD.")]
 TreeTopOpt = Annotated[int, typer.Option("--tree-top", help="Pruned candidates drawn per node in the tree.")]
 
 
@@ -299,7 +298,7 @@ def beam(
         out.print(render.search_tree(result.tree, ckpt.token_text, text, f"beam search, width {width}", tree_top))
     for i, h in enumerate(hyps):
         if len(hyps) > 1 or show_tree:
-            out.print(Text(f"#{i + 1}  logprob {h.logprob:.3f}  score {h.score:.3f}  ({h.finish_reason})", style="dim"))
+            out.print(render.hypothesis_header(i, h.logprob, h.score, h.finish_reason))
         out.print((text if echo else "") + ckpt.decode(h.token_ids), markup=False, highlight=False)
 
 
@@ -344,11 +343,7 @@ def exact(
     if show_tree:
         out.print(render.search_tree(result.tree, ckpt.token_text, text, "exact search", tree_top, bound_all=True))
     out.print((text if echo else "") + continuation, markup=False, highlight=False)
-    verdict = "optimal (proven)" if result.proven else f"best found; not proven optimal within --max-expansions {max_expansions}"
-    render.stderr_console().print(
-        Text(f"logprob {result.logprob:.4f} · {verdict} · expanded {result.expanded:,} nodes "
-             f"vs {result.brute_force:.3g} sequences for brute force", style="dim")
-    )
+    render.stderr_console().print(render.exact_summary(result, max_expansions))
 
 
 @app.command()

@@ -251,6 +251,19 @@ def samples_tree(root, decode, prompt: str) -> Tree:
     return tree
 
 
+def hypothesis_header(index: int, logprob: float, score: float, finish_reason: str) -> Text:
+    return Text(f"#{index + 1}  logprob {logprob:.3f}  score {score:.3f}  ({finish_reason})", style="dim")
+
+
+def exact_summary(result, max_expansions: int) -> Text:
+    verdict = "optimal (proven)" if result.proven else f"best found; not proven optimal within --max-expansions {max_expansions}"
+    return Text(
+        f"logprob {result.logprob:.4f} · {verdict} · expanded {result.expanded:,} nodes "
+        f"vs {result.brute_force:.3g} sequences for brute force",
+        style="dim",
+    )
+
+
 def compare_table(rows: list[dict]) -> Table:
     """One row per strategy: its text and the total log-probability of the sequence."""
     table = Table(title="decoding strategies compared", title_justify="left")

@@ -1,0 +1,144 @@
+"""llmgen against transformers on the same random weights, in the same run, alternating.
+
+    python bench/run.py [--threads 2] [--repeats 5] [--new-tokens 64] [--quick]
+
+Prints one table of medians: decode tokens/s at batch 1 (greedy, EOS ignored), batch
+tokens/s at 16, a beam-4 step against a greedy step, prefill tokens/s for a 512-token
+prompt, time to first token from process start for the embedded model, peak RSS, and
+the machine's measured bandwidth bound for batch-1 decode (weights bytes / the
+bandwidth of a large float32 matrix-vector product) with llmgen's fraction of it.
+Needs the test extra (transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoints import checkpoint, weight_bytes  # noqa: E402
+
+from llmgen.checkpoint import load_checkpoint  # noqa: E402
+from llmgen.config import GenerationConfig, SamplingConfig  # noqa: E402
+from llmgen.decoding.beam import BeamConfig, beam_search  # noqa: E402
+from llmgen.decoding.greedy_sample import Row, generate_batch  # noqa: E402
+
+PROMPT = list(range(1, 17))
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternate(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run in turn so drift hits all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bandwidth_gbs(repeats: int) -> float:
+    """Bytes per second streamed by a float32 matrix-vector product larger than any cache."""
+    w = torch.randn(8192, 8192)
+    x = torch.randn(8192)
+    t = min(timed(lambda: torch.mv(w, x)) for _ in range(repeats + 3))
+    return w.numel() * 4 / t / 1e9
+
+
+def subprocess_seconds(code: list[str], repeats: int) -> float:
+    return statistics.median(timed(lambda: subprocess.run(code, check=True, capture_output=True)) for _ in range(repeats))
+
+
+def peak_rss_mb(code: str) -> float:
+    """Peak resident memory of a fresh process running ``code``. (VmHWM, not ru_maxrss:
+    ru_maxrss survives exec, so a child would report its parent's peak.)"""
+    probe = "\nprint(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
+    out = subprocess.run([sys.executable, "-c", code + probe], check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and tokens, for a smoke run")
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.new_tokens = 1, 8
+    torch.set_num_threads(args.threads)
+    from transformers import GPT2LMHeadModel
+
+    path = checkpoint("gpt2-124m")
+    ours = load_checkpoint(path, device="cpu", dtype="float32")
+    ref = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
+    n = args.new_tokens
+    greedy = GenerationConfig(max_new_tokens=n, ignore_eos=True, sampling=SamplingConfig(temperature=0))
+
+    def ours_gen(batch):
+        return lambda: generate_batch(ours.model, [Row(PROMPT, None, n)] * batch, greedy, ours.decode)
+
+    def ref_gen(batch, beams=1):
+        ids = torch.tensor([PROMPT] * batch)
+        return lambda: ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                    do_sample=False, num_beams=beams, pad_token_id=0)
+
+    rows = []
+    with torch.inference_mode():
+        t = alternate({"llmgen": ours_gen(1), "transformers": ref_gen(1)}, args.repeats)
+        ours1, ref1 = n / t["llmgen"], n / t["transformers"]
+        rows.append(("decode tok/s, batch 1", ours1, ref1))
+        t = alternate({"llmgen": ours_gen(16), "transformers": ref_gen(16)}, max(1, args.repeats // 2))
+        rows.append(("decode tok/s, batch 16", 16 * n / t["llmgen"], 16 * n / t["transformers"]))
+
+        beam_cfg = BeamConfig(width=4, max_new_tokens=n, length_penalty=0.0, tree_top=0)
+        t = alternate({"beam": lambda: beam_search(ours.model, PROMPT, beam_cfg), "greedy": ours_gen(1),
+                       "ref_beam": ref_gen(1, beams=4)}, max(1, args.repeats // 2))
+        rows.append(("beam-4 step / greedy step", t["beam"] / t["greedy"], t["ref_beam"] / (n / ref1)))
+
+        long = torch.randint(1, 500, (1, 512))
+        t = alternate({"llmgen": lambda: ours.model(long, None, ours.model.new_cache(1, 513)), "transformers": lambda: ref(long)},
+                      args.repeats)
+        rows.append(("prefill tok/s, 512-token prompt", 512 / t["llmgen"], 512 / t["transformers"]))
+
+    baseline = subprocess_seconds([sys.executable, "-c", "import torch"], args.repeats)
+    first = subprocess_seconds([sys.executable, "-m", "llmgen", "run", "I like", "-n", "1", "--seed", "0"], args.repeats)
+    rows.append(("embedded model: `run -n 1` minus `import torch` (s)", first - baseline, None))
+
+    torch_rss = peak_rss_mb("import torch")
+    load_rss = peak_rss_mb(
+        f"import torch; from llmgen.checkpoint import load_checkpoint; c = load_checkpoint({str(path)!r}, device='cpu')\n"
+        "with torch.inference_mode(): c.model(torch.tensor([list(range(1, 17))]))"
+    )
+    weights_mb = weight_bytes(ours.model) / 2**20
+    rows.append(("peak RSS MB (weights %.0f MB, torch alone %.0f MB)" % (weights_mb, torch_rss), load_rss, None))
+
+    bw = bandwidth_gbs(args.repeats)
+    bound = bw * 1e9 / weight_bytes(ours.model)
+    rows.append(("bandwidth bound, batch-1 tok/s (%.1f GB/s)" % bw, bound, None))
+    rows.append(("llmgen batch-1 fraction of the bound", ours1 / bound, None))
+
+    print(f"GPT-2-124M shape, float32, {platform.processor() or platform.machine()}, {args.threads} threads, "
+          f"torch {torch.__version__}, {n} new tokens, median of {args.repeats}")
+    print(f"{'':52} {'llmgen':>10} {'transformers':>13} {'ratio':>7}")
+    for name, a, b in rows:
+        ratio = f"{a / b:6.2f}x" if b else ""
+        print(f"{name:52} {a:10.3f} {'' if b is None else f'{b:13.3f}'} {ratio:>7}")
+    print(f"(peak RSS budget: 1.3 x weights + torch = {1.3 * weights_mb + torch_rss:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()
