@@ -161,3 +161,13 @@ def test_terminal_streams_continuation_and_reports_seed(gpt2_dir):
     screen = b"".join(chunks).decode("utf-8", "replace")
     assert os.waitstatus_to_exitcode(status) == 0, screen
     assert "I like" in screen and "seed 5" in screen and "6 tokens" in screen
+
+
+def test_info(cli, gpt2_dir):
+    code, out, _ = cli("info", "--json")
+    facts = json.loads(out)
+    assert code == 0 and facts["architecture"] == "gpt2" and facts["context_length"] == 128
+    assert facts["parameters"] == sum(p.numel() for p in gpt2_dir[1].parameters()) - 0  # tied head counted once
+    assert "model.safetensors" in facts["files"] and facts["vocab_size"] == facts["tokenizer_vocab_size"]
+    code, out, _ = cli("info")
+    assert code == 0 and "parameters" in out and "context length" in out
