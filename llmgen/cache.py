@@ -82,3 +82,12 @@ class KVCache:
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids for left-padded rows: 0 at each row's first real token, padding clamped to 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Without a cache (training, exact search): [B, 1, T, T] bool, causal, no padding
+    keys; each position always sees itself so no softmax row is empty."""
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    return (causal & attention_mask.bool()[:, None, None, :]) | eye

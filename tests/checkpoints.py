@@ -98,3 +98,34 @@ def build_six_word_model(path: Path, seed: int = 0, init_scale: float = 0.25):
     tok.save(str(path / "tokenizer.json"))
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 0}))
     return model
+
+
+def build_llama(path: Path, kind: str = "llama", *, tokenizer: Tokenizer | None = None, seed: int = 0, **overrides):
+    """A tiny Llama-family checkpoint (llama, mistral or qwen2) written by transformers."""
+    import transformers
+
+    tok = tokenizer or train_tokenizer()
+    eos = tok.token_to_id(EOS)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[kind]
+    settings = dict(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=eos,
+        eos_token_id=eos, tie_word_embeddings=False, initializer_range=0.3,
+    )
+    settings.update(overrides)
+    cfg = config_cls(**settings)
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # RMSNorm weights start at 1: perturb them so they are exercised
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": eos, "eos_token_id": eos}))
+    return model

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmgen.cache import KVCache
+from llmgen.cache import KVCache, padded_causal_mask
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -181,10 +181,3 @@ class GPT2(nn.Module):
             out[name if name == "lm_head.weight" else f"transformer.{name}"] = t.contiguous()
         return out
 
-
-def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, 1, T, T] bool: causal, no padding keys; each position always sees itself."""
-    T = attention_mask.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
-    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
-    return (causal & attention_mask.bool()[:, None, None, :]) | eye

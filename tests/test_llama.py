@@ -1,0 +1,81 @@
+"""Our Llama-family module against transformers' Llama, Mistral and Qwen2 on random weights."""
+
+import pytest
+import torch
+
+from checkpoints import build_llama
+from llmgen.checkpoint import load_checkpoint
+from llmgen.config import GenerationConfig, SamplingConfig
+from llmgen.decoding.beam import BeamConfig, beam_search
+from llmgen.decoding.greedy_sample import Row, generate, generate_batch
+
+PROMPTS = ["I like", "The quick brown fox", "naïve café 日本"]
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+CASES = {
+    "llama-gqa-untied": ("llama", {}),
+    "llama-mqa-tied": ("llama", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    "llama-mha-linear-rope": ("llama", {"num_key_value_heads": 4, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+    "llama-llama3-rope": ("llama", {"rope_scaling": LLAMA3, "rope_theta": 500000.0}),
+    "qwen2-gqa-tied-bias": ("qwen2", {"tie_word_embeddings": True}),
+    "mistral": ("mistral", {"sliding_window": None}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request, tmp_path_factory, tokenizer):
+    kind, overrides = CASES[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    ref = build_llama(path, kind, tokenizer=tokenizer, **overrides)
+    return ref, load_checkpoint(path, device="cpu")
+
+
+def test_logits_match(pair):
+    ref, ckpt = pair
+    for prompt in PROMPTS:
+        ids = torch.tensor([ckpt.encode(prompt)])
+        with torch.no_grad():
+            expected = ref(ids).logits
+        got = ckpt.model(ids)
+        assert torch.allclose(got, expected, atol=1e-4, rtol=0), (prompt, (got - expected).abs().max())
+
+
+def test_greedy_continuations_match(pair):
+    ref, ckpt = pair
+    eos = ckpt.eos_token_ids
+    gen = GenerationConfig(max_new_tokens=24, eos_token_ids=eos, sampling=SamplingConfig(temperature=0))
+    for prompt in PROMPTS:
+        ids = ckpt.encode(prompt)
+        ours = generate(ckpt.model, ids, gen, ckpt.decode)[0].token_ids
+        theirs = ref.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=list(eos), pad_token_id=eos[0])
+        assert ours == theirs[0, len(ids) : len(ids) + len(ours)].tolist(), prompt
+
+
+def test_cache_beam_and_batch_work_unchanged(pair):
+    _, ckpt = pair
+    model = ckpt.model
+    ids = ckpt.encode("The quick brown fox jumps")
+    with torch.no_grad():
+        full = model(torch.tensor([ids]))
+        cache = model.new_cache(1, len(ids))
+        steps = torch.cat([model(torch.tensor([[t]]), None, cache) for t in ids], dim=1)
+    assert torch.allclose(steps, full, atol=1e-4)
+    greedy = GenerationConfig(max_new_tokens=8, ignore_eos=True, sampling=SamplingConfig(temperature=0))
+    alone = [generate(model, ckpt.encode(p), greedy, ckpt.decode)[0].token_ids for p in PROMPTS]
+    batched = generate_batch(model, [Row(ckpt.encode(p), None, 8) for p in PROMPTS], greedy, ckpt.decode)
+    assert [s.token_ids for s in batched] == alone
+    beam = beam_search(model, ckpt.encode(PROMPTS[0]), BeamConfig(width=1, max_new_tokens=8))
+    assert beam.hypotheses[0].token_ids == alone[0]
+
+
+def test_unsupported_rope_scaling_is_named(tmp_path, tokenizer):
+    import json
+
+    from llmgen.errors import ModelError
+
+    build_llama(tmp_path, "llama", tokenizer=tokenizer)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="yarn"):
+        load_checkpoint(tmp_path, device="cpu")
