@@ -6,11 +6,11 @@ _llmgen() {
     cmd=""
     for ((i = 1; i < COMP_CWORD; i++)); do
         case "${COMP_WORDS[i]}" in
-            run|beam|exact|probs|compare|score|info|batch|train) cmd="${COMP_WORDS[i]}"; break ;;
+            run|beam|exact|probs|compare|score|info|batch|convert|pull|list|train) cmd="${COMP_WORDS[i]}"; break ;;
         esac
     done
     case "$prev" in
-        --model|-m) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+        --model|-m) COMPREPLY=($(compgen -d -- "$cur") $(compgen -W "smollm2" -- "$cur")); return ;;
         --max-new-tokens|-n) return ;;
         --temperature|-t) return ;;
         --top-k|-k) return ;;
@@ -22,6 +22,7 @@ _llmgen() {
         --stop) return ;;
         --truncate) COMPREPLY=($(compgen -W "none left" -- "$cur")); return ;;
         --errors) COMPREPLY=($(compgen -W "strict replace" -- "$cur")); return ;;
+        --system) return ;;
         --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;
         --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
         --width|-w) return ;;
@@ -47,15 +48,18 @@ _llmgen() {
         --pairs) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     case "$cmd" in
-        "") COMPREPLY=($(compgen -W "run beam exact probs compare score info batch train --debug --version --help" -- "$cur")) ;;
-        run) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --repetition-penalty --seed -s --num-samples --stop --ignore-eos --echo --show-probs --show-tree --truncate --errors --device --dtype --json --help -h" -- "$cur")) ;;
-        beam) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --width -w --max-new-tokens -n --length-penalty --num-return --no-repeat-ngram-size --early-stopping --show-tree --tree-top --echo --truncate --errors --device --dtype --json --help -h" -- "$cur")) ;;
+        "") COMPREPLY=($(compgen -W "run beam exact probs compare score info batch convert pull list train --debug --version --help" -- "$cur")) ;;
+        run) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --repetition-penalty --seed -s --num-samples --stop --ignore-eos --echo --show-probs --show-tree --truncate --errors --chat --system --device --dtype --json --help -h" -- "$cur")) ;;
+        beam) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --width -w --max-new-tokens -n --length-penalty --num-return --no-repeat-ngram-size --early-stopping --show-tree --tree-top --echo --truncate --errors --chat --system --device --dtype --json --help -h" -- "$cur")) ;;
         exact) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --max-new-tokens -n --max-expansions --show-tree --tree-top --echo --truncate --errors --device --dtype --json --help -h" -- "$cur")) ;;
         probs) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --steps --top --temperature -t --top-k -k --top-p -p --min-p --repetition-penalty --seed -s --truncate --errors --device --dtype --json --help -h" -- "$cur")) ;;
         compare) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --max-new-tokens -n --width -w --temperature -t --top-k -k --top-p -p --min-p --seed -s --max-expansions --truncate --errors --device --dtype --json --help -h" -- "$cur")) ;;
         score) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --errors --device --dtype --json --help -h" -- "$cur")) ;;
         info) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --device --dtype --json --help -h" -- "$cur")) ;;
-        batch) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--output -o --model -m --batch-size -b --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --repetition-penalty --seed -s --stop --ignore-eos --shard --overwrite --skip-invalid --truncate --device --dtype --help -h" -- "$cur")) || COMPREPLY=($(compgen -f -- "$cur")) ;;
+        batch) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--output -o --model -m --batch-size -b --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --repetition-penalty --seed -s --stop --ignore-eos --shard --overwrite --skip-invalid --truncate --chat --system --device --dtype --help -h" -- "$cur")) || COMPREPLY=($(compgen -f -- "$cur")) ;;
+        convert) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--dtype --help -h" -- "$cur")) || COMPREPLY=($(compgen -f -- "$cur")) ;;
+        pull) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--dtype --help -h" -- "$cur")) || COMPREPLY=($(compgen -W "smollm2" -- "$cur")) ;;
+        list) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--available --json --help -h" -- "$cur")) ;;
         train) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--output -o --preset --steps --batch-size --context --lr --vocab-size --layers --dim --heads --bf16 --no-bf16 --seed -s --init --pairs --resume --no-resume --device --help -h" -- "$cur")) || COMPREPLY=($(compgen -f -- "$cur")) ;;
     esac
 }

@@ -91,11 +91,18 @@ def describe(ckpt: Checkpoint) -> dict:
 
 
 def default_model_dir(explicit: str | None) -> Path:
-    """Which model to load: ``--model``, else ``$LLMGEN_MODEL``, else the embedded model."""
-    if explicit:
-        return Path(explicit)
-    if os.environ.get("LLMGEN_MODEL"):
-        return Path(os.environ["LLMGEN_MODEL"])
+    """Which model to load: ``--model``, else ``$LLMGEN_MODEL``, else the embedded model.
+
+    Either may be a directory or the name of a pulled model (``llmgen pull``)."""
+    chosen = explicit or os.environ.get("LLMGEN_MODEL")
+    if chosen:
+        if not Path(chosen).exists():
+            from llmgen.models_cache import resolve_name
+
+            named = resolve_name(chosen)
+            if named is not None:
+                return named
+        return Path(chosen)
     embedded = Path(__file__).parent / "assets" / "default-model"
     if (embedded / "config.json").is_file():
         return embedded

@@ -33,7 +33,7 @@ _debug = False
 
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="Model directory (Hugging Face layout). Default: $LLMGEN_MODEL, else the embedded model."),
+    typer.Option("--model", "-m", help="Model directory (Hugging Face layout) or pulled model name. Default: $LLMGEN_MODEL, else the embedded model."),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto picks CUDA when available.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16. auto: float32 on CPU, bfloat16 on CUDA.")]
@@ -50,6 +50,8 @@ EchoOpt = Annotated[bool, typer.Option("--echo", help="Print the prompt before t
 ShowTreeOpt = Annotated[bool, typer.Option("--show-tree", help="Draw the search tree.")]
 TruncateOpt = Annotated[str, typer.Option("--truncate", help="A prompt too long for the context: 'none' is an error, 'left' keeps its last tokens that fit.")]
 ErrorsOpt = Annotated[str, typer.Option("--errors", help="Invalid UTF-8 in PROMPT or on stdin: 'strict' is an error, 'replace' substitutes U+FFFD.")]
+ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template; stop at its end-of-turn token.")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System message for --chat.")]
 TreeTopOpt = Annotated[int, typer.Option("--tree-top", help="Pruned candidates drawn per node in the tree.")]
 
 
@@ -92,13 +94,20 @@ def _decode(data: bytes, errors: str, source: str) -> str:
         raise LlmgenError(f"{source} is not valid UTF-8 (byte {e.start}); --errors replace substitutes U+FFFD") from None
 
 
-def _prompt_ids(ckpt, prompt: str, truncate: str = "none", room: int = 1) -> list[int]:
+def _prompt_ids(ckpt, prompt: str, truncate: str = "none", room: int = 1, chat: bool = False, system: str | None = None) -> list[int]:
     """Token ids of the prompt; BOS alone for an empty prompt when the model has one.
 
-    With ``truncate='left'`` a prompt too long for the context keeps its last tokens,
+    With ``chat`` the prompt is first wrapped in the model's chat template. With
+    ``truncate='left'`` a prompt too long for the context keeps its last tokens,
     leaving ``room`` positions to generate into (at least one)."""
     if truncate not in ("none", "left"):
         raise UsageError(f"--truncate must be none or left, got {truncate!r}")
+    if chat:
+        from llmgen import chat as chats
+
+        prompt = chats.render(ckpt.path, prompt, system)
+    elif system is not None:
+        raise UsageError("--system needs --chat")
     ids = ckpt.encode(prompt)
     if not ids and ckpt.bos_token_id is not None:
         ids = [ckpt.bos_token_id]
@@ -140,6 +149,8 @@ def run(
     show_tree: Annotated[bool, typer.Option("--show-tree", help="With --num-samples: merge the samples into one prefix tree with counts.")] = False,
     truncate: TruncateOpt = "none",
     errors: ErrorsOpt = "strict",
+    chat: ChatOpt = False,
+    system: SystemOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -158,8 +169,8 @@ def run(
     from llmgen.decoding.greedy_sample import generate
 
     ckpt = _load(model, device, dtype)
-    gen = _generation_for(ckpt, flags, gen)
-    ids = _prompt_ids(ckpt, text, truncate, gen.max_new_tokens)
+    gen = _generation_for(ckpt, flags, gen, chat)
+    ids = _prompt_ids(ckpt, text, truncate, gen.max_new_tokens, chat, system)
 
     out = render.stdout_console()
     streaming = not as_json and num_samples == 1 and render.is_terminal() and not show_tree
@@ -218,10 +229,9 @@ def _load(model: str | None, device: str, dtype: str):
     return load_checkpoint(default_model_dir(model), device=device, dtype=dtype)
 
 
-def _generation_for(ckpt, flags: dict, gen):
-    """Fill in the model's defaults and EOS ids; draw a seed if sampling needs one."""
-    from dataclasses import replace
-
+def _generation_for(ckpt, flags: dict, gen, chat: bool = False):
+    """Fill in the model's defaults and EOS ids (with --chat, its end-of-turn tokens too);
+    draw a seed if sampling needs one."""
     from llmgen import config
 
     values = config.resolve(flags, ckpt.generation_defaults)
@@ -230,8 +240,16 @@ def _generation_for(ckpt, flags: dict, gen):
     if seed is None and not sampling.greedy:
         seed = int.from_bytes(os.urandom(4), "little")
     return replace(
-        gen, max_new_tokens=values["max_new_tokens"], eos_token_ids=ckpt.eos_token_ids, seed=seed, sampling=sampling
+        gen, max_new_tokens=values["max_new_tokens"], eos_token_ids=_stop_ids(ckpt, chat), seed=seed, sampling=sampling
     )
+
+
+def _stop_ids(ckpt, chat: bool) -> tuple[int, ...]:
+    if not chat:
+        return ckpt.eos_token_ids
+    from llmgen.chat import end_of_turn_ids
+
+    return tuple(dict.fromkeys(ckpt.eos_token_ids + end_of_turn_ids(ckpt.tokenizer)))
 
 
 def _record(prompt, prompt_ids, text, token_ids, logprobs, finish_reason, seed, **extra) -> dict:
@@ -263,6 +281,8 @@ def beam(
     echo: EchoOpt = False,
     truncate: TruncateOpt = "none",
     errors: ErrorsOpt = "strict",
+    chat: ChatOpt = False,
+    system: SystemOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
@@ -280,8 +300,8 @@ def beam(
     from llmgen import render
 
     ckpt = _load(model, device, dtype)
-    cfg = replace(cfg, eos_token_ids=ckpt.eos_token_ids)
-    ids = _prompt_ids(ckpt, text, truncate, max_new_tokens)
+    cfg = replace(cfg, eos_token_ids=_stop_ids(ckpt, chat))
+    ids = _prompt_ids(ckpt, text, truncate, max_new_tokens, chat, system)
     result = beam_search(ckpt.model, ids, cfg)
     hyps = result.hypotheses
     if as_json:
@@ -530,6 +550,8 @@ def batch(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT instead of resuming it.")] = False,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Write an error record for a malformed input record and go on.")] = False,
     truncate: TruncateOpt = "none",
+    chat: ChatOpt = False,
+    system: SystemOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -557,7 +579,7 @@ def batch(
     from llmgen.decoding.greedy_sample import check_prompt_fits
 
     ckpt = _load(model, device, dtype)
-    gen = replace(gen, eos_token_ids=ckpt.eos_token_ids)
+    gen = replace(gen, eos_token_ids=_stop_ids(ckpt, chat))
     batching.validate(todo, flags, ckpt.generation_defaults)
     base = seed if seed is not None else batching.base_seed_from(done, records)
     if base is None:
@@ -566,7 +588,7 @@ def batch(
     for rec in todo:
         if rec.error is None:
             try:
-                ids = _prompt_ids(ckpt, rec.prompt, truncate, batching.settings(rec, flags, ckpt.generation_defaults)[1])
+                ids = _prompt_ids(ckpt, rec.prompt, truncate, batching.settings(rec, flags, ckpt.generation_defaults)[1], chat, system)
                 check_prompt_fits(len(ids), ckpt.model.cfg.context_length)
             except LlmgenError as e:
                 rec.error = str(e)
@@ -588,6 +610,62 @@ def _stop_on_invalid(input_path: str, records, skip_invalid: bool) -> None:
     bad = next((r for r in records if r.error is not None), None)
     if bad is not None and not skip_invalid:
         raise LlmgenError(f"{input_path}:{bad.line}: {bad.error} (nothing generated; --skip-invalid writes an error record and goes on)")
+
+
+@app.command()
+def convert(
+    gguf_file: Annotated[Path, typer.Argument(metavar="MODEL.gguf", help="GGUF file to convert.")],
+    output_dir: Annotated[Path, typer.Argument(metavar="OUTPUT_DIR", help="Directory to write (Hugging Face layout).")],
+    dtype: Annotated[str, typer.Option("--dtype", help="How the weights are stored: bfloat16, float16 or float32.")] = "bfloat16",
+) -> None:
+    """Convert a GGUF file (llama.cpp) into a safetensors model directory that --model loads: weights dequantized, config, tokenizer, generation config and chat template rebuilt from the GGUF metadata."""
+    from llmgen import render
+    from llmgen.checkpoint import DTYPES
+    from llmgen.convert import convert as convert_gguf
+    from llmgen.convert import tensor_count
+
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not gguf_file.is_file():
+        raise LlmgenError(f"{gguf_file}: file not found")
+    with render.TaskProgress("convert", tensor_count(gguf_file)) as progress:
+        cfg = convert_gguf(gguf_file, output_dir, DTYPES[dtype], progress.advance)
+    render.stderr_console().print(render.converted_summary(cfg, output_dir))
+
+
+@app.command()
+def pull(
+    name: Annotated[str, typer.Argument(help="A model from the catalogue (see `llmgen list --available`).")],
+    dtype: Annotated[str, typer.Option("--dtype", help="How the weights are stored: bfloat16, float16 or float32.")] = "bfloat16",
+) -> None:
+    """Fetch a model by name into the cache ($LLMGEN_HOME, else the XDG cache) and convert it; then --model NAME works."""
+    from llmgen import render
+    from llmgen.checkpoint import DTYPES
+    from llmgen.models_cache import pull as pull_model
+
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    progress = render.TaskProgress(f"pull {name}", None)
+    with progress:
+        path = pull_model(name, DTYPES[dtype], progress.advance, progress.set_total)
+    render.stderr_console().print(render.pulled_summary(name, path))
+
+
+@app.command(name="list")
+def list_models(
+    available: Annotated[bool, typer.Option("--available", help="Show the catalogue of pullable models instead.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The models in the cache, with size and source (or, with --available, the ones `pull` can fetch)."""
+    from llmgen import render
+    from llmgen.models_cache import cached, catalog
+
+    rows = [{"name": k, **v} for k, v in sorted(catalog().items())] if available else cached()
+    if as_json:
+        for row in rows:
+            _write_json(row)
+        return
+    render.stdout_console().print(render.models_table(rows, available))
 
 
 @app.command()

@@ -335,3 +335,59 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return str(n)
+
+
+class TaskProgress:
+    """A bar on stderr for a counted task (tensors converted); silent when not a terminal."""
+
+    def __init__(self, label: str, total: int | None) -> None:
+        self.console = stderr_console()
+        self.progress = Progress(
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[item]}"),
+            console=self.console, disable=not self.console.is_terminal,
+        )
+        self.task = self.progress.add_task(label, total=total, item="")
+
+    def __enter__(self) -> TaskProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def set_total(self, total: int) -> None:
+        self.progress.update(self.task, total=total)
+
+    def advance(self, item: str) -> None:
+        self.progress.update(self.task, advance=1, item=item)
+
+
+def converted_summary(cfg: dict, output) -> Text:
+    return Text(
+        f"{cfg['model_type']}: {cfg['num_hidden_layers']} layers, width {cfg['hidden_size']}, "
+        f"vocabulary {cfg['vocab_size']:,}  ->  {output}/  (llmgen run --model {output} ...)"
+    )
+
+
+def pulled_summary(name: str, path) -> Text:
+    return Text(f"pulled {name} into {path}  ->  llmgen run --model {name} ...")
+
+
+def models_table(rows: list[dict], available: bool) -> Table:
+    table = Table(title="pullable models" if available else "models in the cache", title_justify="left")
+    table.add_column("name", style="bold")
+    if available:
+        table.add_column("description")
+        table.add_column("license")
+        table.add_column("source", style="dim")
+        for r in rows:
+            table.add_row(r["name"], r["description"], r["license"], f"PyPI {r['pypi']}=={r['version']}")
+    else:
+        table.add_column("size", justify="right")
+        table.add_column("source", style="dim")
+        for r in rows:
+            src = r["source"]
+            table.add_row(r["name"], _size(r["bytes"]), f"{src.get('pypi', '?')} {src.get('file', '')}".strip())
+        if not rows:
+            table.caption = "empty: `llmgen pull NAME` (see `llmgen list --available`)"
+    return table
