@@ -130,3 +130,83 @@ def test_bad_gguf_is_a_one_line_error(tmp_path, capsys, data):
     assert main(["convert", str(path), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.gguf" in err and "internal error" not in err
+
+
+def write_llama_gguf(path: Path, ref, tokenizer, qtype) -> None:
+    """A GGUF of a transformers Llama as llama.cpp writes one: its tensor names, its
+    Q/K row permutation, its metadata keys; matrices stored as ``qtype``."""
+    import gguf
+    import numpy as np
+
+    cfg = ref.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    model = json.loads(tokenizer.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+    def permute(t, heads):
+        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    for name, tensor in ref.state_dict().items():
+        stem, leaf = name.rsplit(".", 1)
+        if stem.startswith("model.layers."):
+            layer, rest = stem[len("model.layers."):].split(".", 1)
+            gname = f"blk.{layer}.{parts[rest]}.{leaf}"
+        else:
+            gname = f"{names[stem]}.{leaf}"
+        data = tensor.detach().float().numpy()
+        if gname.endswith("attn_q.weight"):
+            data = permute(data, cfg.num_attention_heads)
+        elif gname.endswith("attn_k.weight"):
+            data = permute(data, cfg.num_key_value_heads)
+        if data.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gname, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"])
+def test_convert_round_trips_a_llama_through_gguf(tmp_path, tokenizer, qtype):
+    import gguf
+    from safetensors.torch import load_file
+
+    from checkpoints import build_llama
+    from llmgen.checkpoint import load_checkpoint
+
+    ref = build_llama(tmp_path / "hf", "llama", tokenizer=tokenizer, hidden_size=64, intermediate_size=128)
+    kind = gguf.GGMLQuantizationType[qtype]
+    write_llama_gguf(tmp_path / "m.gguf", ref, tokenizer, kind)
+    assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    ckpt = load_checkpoint(tmp_path / "out", device="cpu")
+    assert ckpt.encode("I like cold coffee") == tokenizer.encode("I like cold coffee").ids
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    for name, tensor in ref.state_dict().items():
+        expected = tensor.float()
+        if expected.ndim == 2 and qtype != "F32":  # what that quantization type can represent
+            expected = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(expected.numpy(), kind), kind))
+        assert torch.equal(ours[name], expected), name
+    if qtype == "F32":
+        ids = torch.tensor([ckpt.encode("The quick brown fox")])
+        with torch.no_grad():
+            assert torch.allclose(ckpt.model(ids), ref(ids).logits, atol=1e-4)
