@@ -65,6 +65,13 @@ def describe(ckpt: Checkpoint) -> dict:
     files = {p.name: p.stat().st_size for p in sorted(ckpt.path.iterdir()) if p.is_file()}
     embedded = ckpt.path.resolve() == (Path(__file__).parent / "assets" / "default-model").resolve()
     source = "embedded in llmgen" if embedded else str(ckpt.path.resolve())
+    origin = ckpt.path / "source.json"  # written by llmgen convert / pull
+    if origin.is_file():
+        try:
+            src = json.loads(origin.read_text())
+            source += f" (converted from {src.get('file', '?')}" + (f", pulled from PyPI {src['pypi']}" if "pypi" in src else "") + ")"
+        except (OSError, json.JSONDecodeError):
+            pass
     record = ckpt.path / "training.json"
     if record.is_file():
         try:

@@ -356,7 +356,7 @@ def exact(
     if as_json:
         _write_json(
             _record(text, ids, continuation, result.token_ids, result.logprobs, result.finish_reason, None,
-                    logprob=result.logprob, expanded=result.expanded, proven=result.proven)
+                    logprob=result.logprob, expanded=result.expanded, proven=result.proven, brute_force=result.brute_force)
         )
         return
     out = render.stdout_console()

