@@ -91,3 +91,23 @@ def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
     eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
     return (causal & attention_mask.bool()[:, None, None, :]) | eye
+
+
+def positions_and_mask(
+    input_ids: torch.Tensor,
+    positions: torch.Tensor | None,
+    cache: KVCache | None,
+    attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What every model's forward needs besides the ids: position ids (counted on from
+    the cache's write position when not given) and the attention mask, or None when
+    plain causal attention will do."""
+    T = input_ids.shape[1]
+    if positions is None:
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + T, device=input_ids.device)[None]
+    if cache is not None:
+        return positions, cache.attention_mask(T)
+    if attention_mask is not None:
+        return positions, padded_causal_mask(attention_mask)
+    return positions, None

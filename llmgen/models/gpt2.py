@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmgen.cache import KVCache, padded_causal_mask
+from llmgen.cache import KVCache, positions_and_mask
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -137,16 +137,8 @@ class GPT2(nn.Module):
     ) -> torch.Tensor:
         """``attention_mask`` ([B, T], 1 = token, 0 = padding) applies without a cache, as in training."""
         T = input_ids.shape[1]
-        if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=input_ids.device)[None]
+        positions, mask = positions_and_mask(input_ids, positions, cache, attention_mask)
         x = self.wte(input_ids) + self.wpe(positions)
-        if cache is not None:
-            mask = cache.attention_mask(T)
-        elif attention_mask is not None:
-            mask = padded_causal_mask(attention_mask)
-        else:
-            mask = None
         for block in self.h:
             x = block(x, cache, mask)
         if cache is not None:

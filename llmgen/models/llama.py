@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmgen.cache import KVCache, padded_causal_mask
+from llmgen.cache import KVCache, positions_and_mask
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some old checkpoints saved
@@ -215,17 +215,9 @@ class Llama(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         T = input_ids.shape[1]
-        if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=input_ids.device)[None]
+        positions, mask = positions_and_mask(input_ids, positions, cache, attention_mask)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions.expand(input_ids.shape[0], -1), x.dtype)
-        if cache is not None:
-            mask = cache.attention_mask(T)
-        elif attention_mask is not None:
-            mask = padded_causal_mask(attention_mask)
-        else:
-            mask = None
         for block in self.layers:
             x = block(x, cos, sin, cache, mask)
         if cache is not None:
