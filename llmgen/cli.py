@@ -295,8 +295,6 @@ def beam(
 
     cfg = BeamConfig(width, max_new_tokens, length_penalty, num_return, no_repeat_ngram_size, early_stopping, (), tree_top)
     text = _read_prompt(prompt, errors)
-    from dataclasses import replace
-
     from llmgen import render
 
     ckpt = _load(model, device, dtype)
@@ -345,8 +343,6 @@ def exact(
 
     cfg = ExactConfig(max_new_tokens=max_new_tokens, max_expansions=max_expansions)
     text = _read_prompt(prompt, errors)
-    from dataclasses import replace
-
     from llmgen import render
 
     ckpt = _load(model, device, dtype)
@@ -438,8 +434,6 @@ def compare(
 ) -> None:
     """Greedy, beam, exact and sampled continuations side by side, each with its total log-probability: see for yourself that greedy is not always the most probable.
     """
-    from dataclasses import replace
-
     from llmgen import config
     from llmgen.decoding.beam import BeamConfig, beam_search
     from llmgen.decoding.exact import ExactConfig, exact_search
@@ -692,8 +686,6 @@ def train(
 
     Writes an ordinary checkpoint directory that --model loads, plus training.json (config, data hashes, losses). Progress goes to stderr.
     """
-    from dataclasses import replace
-
     from llmgen import train as training
 
     if preset not in training.PRESETS:

@@ -6,7 +6,7 @@ batch records, tests) rejects the same values with the same message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmgen.errors import UsageError
@@ -62,9 +62,6 @@ class GenerationConfig:
         require(self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}")
         require(all(self.stop), "--stop strings must not be empty")
         require(self.seed is None or 0 <= self.seed < 2**63, f"--seed must be in [0, 2**63), got {self.seed}")
-
-    def with_seed(self, seed: int) -> GenerationConfig:
-        return replace(self, seed=seed)
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:

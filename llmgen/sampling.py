@@ -126,9 +126,6 @@ def choose_next(
     return torch.cat(draws)
 
 
-FILTERS = ("top-k", "top-p", "min-p")
-
-
 def explain(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None) -> dict[str, torch.Tensor | list]:
     """Every stage of the chain for one row of logits ``[vocab]``, for showing to a person.
 

@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import pytest
 
 import llmgen
 from llmgen.cli import main
