@@ -13,6 +13,8 @@ the same set on every run and every device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from llmgen.config import SamplingConfig
@@ -85,14 +87,32 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, NEG_INF)
 
 
+def truncation_filters(cfg: SamplingConfig) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """The filters that follow temperature, in chain order, each with the name ``explain`` shows."""
+    return [
+        ("top-k", lambda logits: top_k_filter(logits, cfg.top_k)),
+        ("top-p", lambda logits: top_p_filter(logits, cfg.top_p)),
+        ("min-p", lambda logits: min_p_filter(logits, cfg.min_p)),
+    ]
+
+
+def seen_tokens(prompts: list[list[int]], vocab_size: int, device: torch.device | str) -> torch.Tensor:
+    """``[rows, vocab]`` mask of the tokens in each row's prompt: where the repetition
+    penalty starts; decoding then marks each generated token too."""
+    seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+    for row, ids in enumerate(prompts):
+        seen[row, ids] = True
+    return seen
+
+
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
     """The whole chain up to (not including) the softmax, for a non-greedy config."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     logits = apply_temperature(logits, cfg.temperature)
-    logits = top_k_filter(logits, cfg.top_k)
-    logits = top_p_filter(logits, cfg.top_p)
-    return min_p_filter(logits, cfg.min_p)
+    for _, keep in truncation_filters(cfg):
+        logits = keep(logits)
+    return logits
 
 
 def sampling_distribution(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,17 +162,12 @@ def explain(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None
         removed = ["greedy" if p == 0 else None for p in final.tolist()]
         return {"raw": raw, "tempered": torch.softmax(logits, -1)[0], "final": final, "removed_by": removed}
     tempered = apply_temperature(logits, cfg.temperature)
-    stages = [
-        ("top-k", top_k_filter(tempered, cfg.top_k)),
-    ]
-    stages.append(("top-p", top_p_filter(stages[-1][1], cfg.top_p)))
-    stages.append(("min-p", min_p_filter(stages[-1][1], cfg.min_p)))
     removed: list[str | None] = [None] * logits.shape[-1]
-    before = torch.isfinite(tempered[0])
-    for name, stage in stages:
-        after = torch.isfinite(stage[0])
-        for tok in torch.nonzero(before & ~after).flatten().tolist():
+    current = tempered
+    for name, keep in truncation_filters(cfg):
+        filtered = keep(current)
+        for tok in torch.nonzero(torch.isfinite(current[0]) & ~torch.isfinite(filtered[0])).flatten().tolist():
             removed[tok] = name
-        before = after
-    final = torch.softmax(stages[-1][1], dim=-1)[0]
+        current = filtered
+    final = torch.softmax(current, dim=-1)[0]
     return {"raw": raw, "tempered": torch.softmax(tempered, -1)[0], "final": final, "removed_by": removed}

@@ -17,7 +17,7 @@ from llmgen.cache import positions_from_mask
 from llmgen.config import GenerationConfig
 from llmgen.decoding.trace import Candidate, Sample, Step
 from llmgen.errors import LlmgenError
-from llmgen.sampling import choose_next
+from llmgen.sampling import choose_next, seen_tokens
 from llmgen.text import ContinuationText
 
 # Called with (row, newly safe text) as a continuation grows, for streaming.
@@ -100,9 +100,7 @@ def generate_batch(
         generators = [torch.Generator(device).manual_seed(r.seed) for r in rows]
     seen = None
     if cfg.repetition_penalty != 1.0:
-        seen = torch.zeros(len(rows), model.cfg.vocab_size, dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):
-            seen[i, r.prompt_ids] = True
+        seen = seen_tokens([r.prompt_ids for r in rows], model.cfg.vocab_size, device)
 
     samples = [Sample(seed=None if cfg.greedy else r.seed) for r in rows]
     texts = [ContinuationText(decode, gen.stop) for _ in rows]

@@ -12,7 +12,7 @@ import torch
 
 from llmgen.config import SamplingConfig
 from llmgen.decoding.greedy_sample import check_prompt_fits
-from llmgen.sampling import choose_next, explain
+from llmgen.sampling import choose_next, explain, seen_tokens
 
 
 @dataclass
@@ -33,10 +33,7 @@ def follow(
     steps = min(steps, model.cfg.context_length - len(prompt_ids))
     device = next(model.parameters()).device
     gens = None if cfg.greedy else [torch.Generator(device).manual_seed(seed or 0)]
-    seen = None
-    if cfg.repetition_penalty != 1.0:
-        seen = torch.zeros(1, model.cfg.vocab_size, dtype=torch.bool, device=device)
-        seen[0, prompt_ids] = True
+    seen = seen_tokens([prompt_ids], model.cfg.vocab_size, device) if cfg.repetition_penalty != 1.0 else None
     cache = model.new_cache(1, len(prompt_ids) + steps)
     logits = model(torch.tensor([prompt_ids], device=device), None, cache)[:, -1].float()
     out = []
