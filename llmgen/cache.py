@@ -79,6 +79,21 @@ class KVCache:
             self.key_mask = self.key_mask.index_select(0, rows)
 
 
+def pad(seqs: list[list[int]], left: bool, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences of different lengths as one ``[B, T]`` tensor and its mask (1 = token).
+
+    Left padding for generation from a cache, so every row's next token lands in the
+    same slot; right padding where there is no cache (training, exact search)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[row, span] = torch.tensor(s, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids for left-padded rows: 0 at each row's first real token, padding clamped to 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from llmgen.cache import pad
 from llmgen.checkpoint import DTYPES, load_checkpoint, save_checkpoint
 from llmgen.config import require
 from llmgen.errors import LlmgenError
@@ -203,12 +204,7 @@ def mask_prompt(targets: torch.Tensor, completion_start: torch.Tensor) -> torch.
 
 def pair_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded inputs, attention mask, and labels with prompt and padding set to -100."""
-    width = max(len(ids) for ids, _ in examples)
-    seqs = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    real = torch.zeros(len(examples), width, dtype=torch.long)
-    for i, (ids, _) in enumerate(examples):
-        seqs[i, : len(ids)] = torch.tensor(ids)
-        real[i, : len(ids)] = 1
+    seqs, real = pad([ids for ids, _ in examples], left=False, pad_id=pad_id)
     inputs, targets = seqs[:, :-1], seqs[:, 1:]
     targets = targets.masked_fill(real[:, 1:] == 0, IGNORE_INDEX)
     labels = mask_prompt(targets, torch.tensor([start for _, start in examples]))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmgen.cache import pad
 from llmgen.config import GenerationConfig, SamplingConfig, require
 from llmgen.decoding.greedy_sample import check_prompt_fits, generate
 from llmgen.decoding.trace import SearchTree
@@ -117,12 +118,7 @@ def exact_search(model: torch.nn.Module, prompt_ids: list[int], cfg: ExactConfig
 def _next_logprobs(model, prompt_ids, continuations, device) -> torch.Tensor:
     """Next-token log-probabilities after prompt + each continuation, in one right-padded batch."""
     seqs = [prompt_ids + c for c in continuations]
-    width = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
+    ids, mask = pad(seqs, left=False)
     logits = model(ids.to(device), attention_mask=mask.to(device)).float()
     last = torch.tensor([len(s) - 1 for s in seqs], device=device)
     return torch.log_softmax(logits[torch.arange(len(seqs), device=device), last], dim=-1).cpu()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmgen.cache import positions_from_mask
+from llmgen.cache import pad, positions_from_mask
 from llmgen.config import GenerationConfig
 from llmgen.decoding.trace import Candidate, Sample, Step
 from llmgen.errors import LlmgenError
@@ -84,14 +84,9 @@ def generate_batch(
         check_prompt_fits(len(row.prompt_ids), context)
     limits = [min(r.max_new_tokens, context - len(r.prompt_ids)) for r in rows]
     device = next(model.parameters()).device
-    width = max(len(r.prompt_ids) for r in rows)
-
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-        mask[i, width - len(r.prompt_ids) :] = 1
+    ids, mask = pad([r.prompt_ids for r in rows], left=True)
     ids, mask = ids.to(device), mask.to(device)
+    width = ids.shape[1]
 
     generators = None
     if not cfg.greedy:
