@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -84,31 +85,38 @@ def score_table(tokens: list[str], token_ids: list[int], logprobs: list[float | 
     return table
 
 
-class TrainingProgress:
-    """A live bar on stderr (step, loss, eval loss, tokens/s, ETA); on a non-terminal,
-    a plain line at every evaluation instead."""
+class _StderrBar:
+    """A Rich progress bar on stderr, drawn only when stderr is a terminal; used as a
+    context manager around the work it reports on."""
 
-    def __init__(self, steps: int) -> None:
+    def __init__(self, label: str, total: int | None, *columns, completed: int = 0, **fields) -> None:
         self.console = stderr_console()
         self.live = self.console.is_terminal
         self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}  {task.fields[rate]} tok/s"),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            disable=not self.live,
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), *columns,
+            console=self.console, disable=not self.live,
         )
-        self.task = self.progress.add_task("train", total=steps, loss="-", eval="-", rate="-")
+        self.task = self.progress.add_task(label, total=total, completed=completed, **fields)
 
-    def __enter__(self) -> TrainingProgress:
+    def __enter__(self):
         self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()
+
+
+class TrainingProgress(_StderrBar):
+    """Step, loss, eval loss, tokens/s and ETA; on a non-terminal, a plain line at every
+    evaluation instead."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__(
+            "train", steps,
+            TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}  {task.fields[rate]} tok/s"),
+            TextColumn("ETA"), TimeRemainingColumn(),
+            loss="-", eval="-", rate="-",
+        )
 
     def update(self, p) -> None:
         fields = {"loss": f"{p.loss:.3f}", "rate": f"{p.tokens_per_second:,.0f}"}
@@ -279,38 +287,18 @@ def compare_table(rows: list[dict]) -> Table:
     return table
 
 
-class BatchProgress:
-    """Records done, tokens/s and ETA on stderr while a batch file runs (silent when not a terminal)."""
+class BatchProgress(_StderrBar):
+    """Records done, tokens/s and ETA while a batch file runs."""
 
     def __init__(self, total: int, already: int = 0) -> None:
-        self.console = stderr_console()
-        self.started = None
-        self.tokens = 0
-        self.progress = Progress(
-            TextColumn("[bold]batch"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} tok/s"),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            disable=not self.console.is_terminal,
+        super().__init__(
+            "batch", total, TextColumn("{task.fields[rate]} tok/s"), TextColumn("ETA"), TimeRemainingColumn(),
+            completed=already, rate="-",
         )
-        self.task = self.progress.add_task("batch", total=total, completed=already, rate="-")
-
-    def __enter__(self) -> BatchProgress:
-        import time
-
         self.started = time.perf_counter()
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        self.tokens = 0
 
     def update(self, records: int, tokens: int) -> None:
-        import time
-
         self.tokens += tokens
         rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
         self.progress.update(self.task, advance=records, rate=f"{rate:,.0f}")
@@ -337,23 +325,11 @@ def _size(n: int) -> str:
     return str(n)
 
 
-class TaskProgress:
-    """A bar on stderr for a counted task (tensors converted); silent when not a terminal."""
+class TaskProgress(_StderrBar):
+    """A counted task (tensors converted); silent when not a terminal."""
 
     def __init__(self, label: str, total: int | None) -> None:
-        self.console = stderr_console()
-        self.progress = Progress(
-            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[item]}"),
-            console=self.console, disable=not self.console.is_terminal,
-        )
-        self.task = self.progress.add_task(label, total=total, item="")
-
-    def __enter__(self) -> TaskProgress:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        super().__init__(label, total, TextColumn("{task.fields[item]}"), item="")
 
     def set_total(self, total: int) -> None:
         self.progress.update(self.task, total=total)
