@@ -205,13 +205,14 @@ class Job:
     prompt_ids: list[int]
     seed: int | None
     max_new_tokens: int
+    sampling: config.SamplingConfig
 
 
-def plan(jobs: list[Job], keys: dict[int, config.SamplingConfig], batch_size: int) -> list[tuple[config.SamplingConfig, list[Job]]]:
+def plan(jobs: list[Job], batch_size: int) -> list[tuple[config.SamplingConfig, list[Job]]]:
     """Group jobs by sampling config, sort each group by prompt length, cut into batches."""
     groups: dict[config.SamplingConfig, list[Job]] = {}
     for job in jobs:
-        groups.setdefault(keys[job.record.index], []).append(job)
+        groups.setdefault(job.sampling, []).append(job)
     batches = []
     for sampling, group in groups.items():
         group.sort(key=lambda j: (len(j.prompt_ids), j.record.index))

@@ -578,25 +578,24 @@ def batch(
     base = seed if seed is not None else batching.base_seed_from(done, records)
     if base is None:
         base = int.from_bytes(os.urandom(4), "little")
-    jobs, keys = [], {}
+    jobs = []
     for rec in todo:
-        if rec.error is None:
-            try:
-                ids = _prompt_ids(ckpt, rec.prompt, truncate, batching.settings(rec, flags, ckpt.generation_defaults)[1], chat, system)
-                check_prompt_fits(len(ids), ckpt.model.cfg.context_length)
-            except LlmgenError as e:
-                rec.error = str(e)
         if rec.error is not None:
             continue
         sampling, limit = batching.settings(rec, flags, ckpt.generation_defaults)
-        keys[rec.index] = sampling
-        jobs.append(batching.Job(rec, ids, rec.overrides.get("seed", base + rec.index), limit))
+        try:
+            ids = _prompt_ids(ckpt, rec.prompt, truncate, limit, chat, system)
+            check_prompt_fits(len(ids), ckpt.model.cfg.context_length)
+        except LlmgenError as e:
+            rec.error = str(e)
+            continue
+        jobs.append(batching.Job(rec, ids, rec.overrides.get("seed", base + rec.index), limit, sampling))
     _stop_on_invalid(input_path, todo, skip_invalid)
     errors = [batching.error_record(r) for r in todo if r.error is not None]
     if errors:
         sink.write(errors)
     with render.BatchProgress(len(todo), already=len(errors)) as progress:
-        batching.run_batches(ckpt, batching.plan(jobs, keys, batch_size), gen, sink, progress.update)
+        batching.run_batches(ckpt, batching.plan(jobs, batch_size), gen, sink, progress.update)
     sink.close()
 
 
