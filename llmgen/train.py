@@ -303,10 +303,12 @@ class Trainer:
     def run_resumable(self, resume: bool, on_progress, stop_after: int | None) -> tuple[float, float]:
         """Continue from the saved state when resuming, else start fresh; return the
         held-out loss before training (of the original start) and after."""
-        initial = self.evaluate()
-        if resume and self.load_state():
-            initial = _read_record(self.out_dir).get("initial_eval_loss", initial)
-        else:
+        # The loss before training belongs to the run's start: read it back when resuming,
+        # else measure it now, before any saved state is loaded (initialisation is seeded).
+        initial = _read_record(self.out_dir).get("initial_eval_loss") if resume else None
+        if initial is None:
+            initial = self.evaluate()
+        if not (resume and self.load_state()):
             _write_record(self.out_dir, {"initial_eval_loss": initial})
         self.run(on_progress, stop_after)
         final = self.last_eval if self.last_eval is not None else self.evaluate()
