@@ -125,12 +125,12 @@ def gguf_tokenizer(reader):
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise ModelError(f"GGUF tokenizer type {kind!r} is not supported yet (supported: gpt2-style BPE)")
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    spelling = _bytes_to_unicode()
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    respell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)  # bytes -> GPT-2's printable letters
     tokens = _field(reader, "tokenizer.ggml.tokens")
     vocab = {}
     for index, token in enumerate(tokens):
-        spelled = token if set(token) <= set(alphabet) else "".join(spelling[b] for b in token.encode("utf-8"))
+        spelled = token if set(token) <= alphabet else "".join(piece for piece, _ in respell.pre_tokenize_str(token))
         vocab.setdefault(spelled, index)
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges") or []]
     tok = Tokenizer(models.BPE(vocab, merges))
@@ -143,22 +143,9 @@ def gguf_tokenizer(reader):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     types = _field(reader, "tokenizer.ggml.token_type") or []
-    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3 and set(t) <= set(alphabet)]
+    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet]
     tok.add_special_tokens(control)
     return tok, tokens
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable spelling of every byte (what byte-level BPE vocabularies are written in)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def convert(
