@@ -30,6 +30,16 @@ def train_tokenizer(vocab_size: int = 320) -> Tokenizer:
     return train.train_tokenizer(CORPUS, vocab_size)
 
 
+def write_checkpoint(path: Path, model, tok: Tokenizer, eos: int, generation: dict | None = None, **save_kwargs):
+    """The model as transformers saves it, plus tokenizer.json and generation_config.json;
+    returns the model, the reference the tests compare against."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, **save_kwargs)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": eos, "eos_token_id": eos, **(generation or {})}))
+    return model
+
+
 def build_gpt2(
     path: Path,
     *,
@@ -65,14 +75,8 @@ def build_gpt2(
         for name, p in model.named_parameters():
             if "ln" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-    path.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, **kwargs)
-    tok.save(str(path / "tokenizer.json"))
-    gen = {"bos_token_id": eos, "eos_token_id": eos}
-    gen.update(generation_config or {})
-    (path / "generation_config.json").write_text(json.dumps(gen))
-    return model
+    return write_checkpoint(path, model, tok, eos, generation_config, **kwargs)
 
 
 WORDS = ["<end>", "I", "like", "cold", "coffee", "water", "stop"]
@@ -93,11 +97,7 @@ def build_six_word_model(path: Path, seed: int = 0, init_scale: float = 0.25):
     )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(cfg).eval()
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 0}))
-    return model
+    return write_checkpoint(path, model, tok, 0)
 
 
 def build_llama(path: Path, kind: str = "llama", *, tokenizer: Tokenizer | None = None, seed: int = 0, **overrides):
@@ -124,8 +124,4 @@ def build_llama(path: Path, kind: str = "llama", *, tokenizer: Tokenizer | None 
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": eos, "eos_token_id": eos}))
-    return model
+    return write_checkpoint(path, model, tok, eos)
