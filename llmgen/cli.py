@@ -115,10 +115,14 @@ def _prompt_ids(ckpt, prompt: str, truncate: str = "none", room: int = 1, chat: 
     if truncate == "left" and len(ids) + 1 > context:
         keep = max(1, context - max(1, min(room, context - 1)))
         ids = ids[-keep:]
-    elif len(ids) >= context:
-        raise LlmgenError(
-            f"the prompt is {len(ids)} tokens; the model's context is {context} (--truncate left keeps the last tokens that fit)"
-        )
+    from llmgen.decoding.greedy_sample import check_prompt_fits
+
+    try:
+        check_prompt_fits(len(ids), context)
+    except LlmgenError as e:
+        if not ids:
+            raise
+        raise LlmgenError(f"{e} (--truncate left keeps the last tokens that fit)") from None
     return ids
 
 
@@ -570,7 +574,6 @@ def batch(
     sink = batching.Sink(output)  # fails now, before the model loads, if OUTPUT is unwritable
 
     from llmgen import render
-    from llmgen.decoding.greedy_sample import check_prompt_fits
 
     ckpt = _load(model, device, dtype)
     gen = replace(gen, eos_token_ids=_stop_ids(ckpt, chat))
@@ -585,7 +588,6 @@ def batch(
         sampling, limit = batching.settings(rec, flags, ckpt.generation_defaults)
         try:
             ids = _prompt_ids(ckpt, rec.prompt, truncate, limit, chat, system)
-            check_prompt_fits(len(ids), ckpt.model.cfg.context_length)
         except LlmgenError as e:
             rec.error = str(e)
             continue
