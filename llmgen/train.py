@@ -314,6 +314,13 @@ class Trainer:
         final = self.last_eval if self.last_eval is not None else self.evaluate()
         return initial, final
 
+    def finish(self, record: dict, tokenizer: Tokenizer, generation: dict) -> TrainResult:
+        """Write the training record, and the checkpoint once every step is done."""
+        if self.step >= self.cfg.steps:
+            save_checkpoint(self.model, tokenizer, self.out_dir, generation, DTYPES[self.cfg.save_dtype])
+        _write_record(self.out_dir, record)
+        return TrainResult(self.out_dir, self.step, record["initial_eval_loss"], record["final_eval_loss"], record)
+
     # -- resumable state: weights and optimizer moments in safetensors, counters in JSON (no pickle)
 
     def save_state(self) -> None:
@@ -414,11 +421,8 @@ def pretrain(
         "final_eval_loss": final,
         "final_eval_perplexity": math.exp(final),
     }
-    if trainer.step >= cfg.steps:
-        eos = tok.token_to_id(EOS)
-        save_checkpoint(model, tok, out_dir, {"bos_token_id": eos, "eos_token_id": eos}, DTYPES[cfg.save_dtype])
-    _write_record(out_dir, record)
-    return TrainResult(out_dir, trainer.step, initial, final, record)
+    eos = tok.token_to_id(EOS)
+    return trainer.finish(record, tok, {"bos_token_id": eos, "eos_token_id": eos})
 
 
 def finetune(
@@ -463,11 +467,7 @@ def finetune(
         "initial_eval_loss": initial,
         "final_eval_loss": final,
     }
-    if trainer.step >= cfg.steps:
-        gen = {"bos_token_id": base.bos_token_id, "eos_token_id": list(base.eos_token_ids) or pad}
-        save_checkpoint(model, tok, out_dir, gen, DTYPES[cfg.save_dtype])
-    _write_record(out_dir, record)
-    return TrainResult(out_dir, trainer.step, initial, final, record)
+    return trainer.finish(record, tok, {"bos_token_id": base.bos_token_id, "eos_token_id": list(base.eos_token_ids) or pad})
 
 
 def _record_path(out_dir: Path) -> Path:
