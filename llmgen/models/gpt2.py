@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmgen.cache import KVCache, positions_and_mask
+from llmgen.models.linear import Linear, linear
 
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -68,8 +69,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # fused q, k, v
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd)  # fused q, k, v
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd)
         scale = 1 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0
         self.scale = scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
 
@@ -87,8 +88,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__()
         inner = cfg.n_inner or 4 * cfg.n_embd
-        self.c_fc = nn.Linear(cfg.n_embd, inner)
-        self.c_proj = nn.Linear(inner, cfg.n_embd)
+        self.c_fc = Linear(cfg.n_embd, inner)
+        self.c_proj = Linear(inner, cfg.n_embd)
         self.act = ACTIVATIONS[cfg.activation_function]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +123,7 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.wte.weight
@@ -145,7 +146,7 @@ class GPT2(nn.Module):
             cache.advance(T)
         x = self.ln_f(x)
         head = self.wte.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return F.linear(x, head)
+        return linear(x, head)
 
     @staticmethod
     def rename_checkpoint(tensors: dict[str, torch.Tensor], cfg: GPT2Config) -> dict[str, tuple[str, torch.Tensor]]:

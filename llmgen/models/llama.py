@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmgen.cache import KVCache, positions_and_mask
+from llmgen.models.linear import Linear, linear
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some old checkpoints saved
@@ -131,10 +132,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int) -> None:
         super().__init__()
         self.layer, self.heads, self.kv_heads, self.dim = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.heads * self.dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = Linear(cfg.hidden_size, self.heads * self.dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, self.kv_heads * self.dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, self.kv_heads * self.dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.heads * self.dim, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -156,9 +157,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,7 +193,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -224,7 +225,7 @@ class Llama(nn.Module):
             cache.advance(T)
         x = self.norm(x)
         head = self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return F.linear(x, head)
+        return linear(x, head)
 
     @staticmethod
     def rename_checkpoint(tensors: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, tuple[str, torch.Tensor]]:

@@ -1,0 +1,60 @@
+"""The matrix multiply every layer and LM head goes through.
+
+Decoding one token at batch size 1 is a chain of matrix-vector products, so its speed
+is the speed of streaming the weights. On CPU in float32, ``F.linear`` hands these to
+MKL, which on the machines we measured streams at 15-20 GB/s; oneDNN's inner product,
+reached through ``torch.ops.mkldnn._linear_pointwise``, reads the *same* row-major
+weight at 30-40 GB/s and stays ahead at batch 4-16 and for 512-token prefills
+(``bench/run.py``; README, Performance). No weight is repacked or copied, so memory and
+``state_dict`` are unchanged. bfloat16 already goes to oneDNN through ``F.linear``;
+float16 is not supported by oneDNN's CPU inner product, so both keep ``F.linear``.
+
+oneDNN has no backward here, so the fast path is taken only where autograd is off
+(``torch.inference_mode`` / ``no_grad``, which every decoder uses); training is
+untouched. ``LLMGEN_ONEDNN=0`` turns it off, to compare or to rule it out.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's float32 inner product and it agrees with
+    ``F.linear`` (checked once on a small product)."""
+    if os.environ.get("LLMGEN_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*shape, generator=gen) for shape in ((3, 16), (8, 16), (8,)))
+        with torch.no_grad():
+            out = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return torch.allclose(out, F.linear(x, w, b), atol=1e-5)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, through oneDNN when that is faster and autograd is not recording."""
+    if (
+        x.dtype is torch.float32
+        and x.device.type == "cpu"
+        and weight.dtype is torch.float32
+        and not torch.is_grad_enabled()
+        and onednn_available()
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same ``state_dict``) whose forward is ``linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
