@@ -146,11 +146,12 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if self.kv_heads != self.heads:  # grouped-query attention: each K/V head serves a group
-            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         causal = cache is None and mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        # Grouped-query attention: each K/V head serves a group of query heads. enable_gqa
+        # reads the cache in place, where repeating K/V would copy all of it every step.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.heads * self.dim))
 
 
