@@ -2,6 +2,8 @@
 
 Weights are random but the shapes (and so the memory traffic and FLOPs) are those of
 the real models. The cache lives in $LLMGEN_BENCH_CACHE (default: ~/.cache/llmgen-bench).
+The GPT-2 shape is written by llmgen itself; the SmolLM2 shape (a Llama) by
+transformers, which the benchmarks need anyway as the reference.
 """
 
 from __future__ import annotations
@@ -15,9 +17,18 @@ from llmgen.checkpoint import save_checkpoint
 from llmgen.models.gpt2 import GPT2, GPT2Config
 from llmgen.train import init_weights, train_tokenizer
 
-SHAPES = {
+GPT2_SHAPES = {
     "gpt2-124m": GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
 }
+# transformers LlamaConfig arguments of HuggingFaceTB/SmolLM2-135M.
+LLAMA_SHAPES = {
+    "smollm2-135m": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    ),
+}
+SHAPES = [*GPT2_SHAPES, *LLAMA_SHAPES]
 SAMPLE_TEXT = [
     "It was a bright cold day in April, and the clocks were striking thirteen.",
     "The quick brown fox jumps over the lazy dog while I like cold coffee.",
@@ -32,11 +43,18 @@ def checkpoint(shape: str) -> Path:
     path = cache_dir() / shape
     if (path / "model.safetensors").is_file():
         return path
-    cfg = SHAPES[shape]
-    model = GPT2(cfg)
-    init_weights(model, cfg.n_layer, seed=0)
     tokenizer = train_tokenizer(SAMPLE_TEXT, 512)
-    save_checkpoint(model, tokenizer, path, {"bos_token_id": 0, "eos_token_id": 0})
+    if shape in GPT2_SHAPES:
+        cfg = GPT2_SHAPES[shape]
+        model = GPT2(cfg)
+        init_weights(model, cfg.n_layer, seed=0)
+        save_checkpoint(model, tokenizer, path, {"bos_token_id": 0, "eos_token_id": 0})
+        return path
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPES[shape])).save_pretrained(path)
+    tokenizer.save(str(path / "tokenizer.json"))
     return path
 
 

@@ -1,13 +1,15 @@
 """llmgen against transformers on the same random weights, in the same run, alternating.
 
-    python bench/run.py [--threads 2] [--repeats 5] [--new-tokens 64] [--quick]
+    python bench/run.py [--shape gpt2-124m|smollm2-135m] [--device cpu|cuda]
+                        [--dtype float32|bfloat16|float16] [--threads 2] [--repeats 5]
+                        [--new-tokens 64] [--quick]
 
 Prints one table of medians: decode tokens/s at batch 1 (greedy, EOS ignored), batch
 tokens/s at 16, a beam-4 step against a greedy step, prefill tokens/s for a 512-token
-prompt, time to first token from process start for the embedded model, peak RSS, and
-the machine's measured bandwidth bound for batch-1 decode (weights bytes / the
-bandwidth of a large float32 matrix-vector product) with llmgen's fraction of it.
-Needs the test extra (transformers).
+prompt, and the machine's measured bandwidth bound for batch-1 decode (weights bytes /
+the bandwidth of a large matrix-vector product in the same dtype) with llmgen's fraction
+of it. On CPU also the embedded model's time to first token from process start, and
+peak RSS. Needs the test extra (transformers).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoints import checkpoint, weight_bytes  # noqa: E402
+from checkpoints import SHAPES, checkpoint, weight_bytes  # noqa: E402
 
 from llmgen.checkpoint import load_checkpoint  # noqa: E402
 from llmgen.config import GenerationConfig, SamplingConfig  # noqa: E402
@@ -34,9 +36,17 @@ from llmgen.models.linear import linear, onednn_available  # noqa: E402
 PROMPT = list(range(1, 17))
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so a timer stops when the work is done."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn) -> float:
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -51,18 +61,18 @@ def alternate(fns: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bandwidth_gbs(repeats: int) -> dict[str, float]:
-    """Bytes per second streamed by a float32 matrix-vector product larger than any cache,
-    with each kernel we can reach: torch.mv (MKL) and the oneDNN product llmgen's layers
-    use. The bound is the faster of the two, so llmgen is not flattered by a slow kernel."""
-    w = torch.randn(8192, 8192)
-    x = torch.randn(1, 8192)
-    kernels = {"torch.mv": lambda: torch.mv(w, x[0])}
-    if onednn_available():
+def bandwidth_gbs(repeats: int, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Bytes per second streamed by a matrix-vector product larger than any cache, with
+    each kernel we can reach: torch.mv, F.linear and, on CPU in float32, the oneDNN
+    product llmgen's layers use. The bound is the fastest, so llmgen is not flattered by a slow kernel."""
+    w = torch.randn(8192, 8192, device=device).to(dtype)
+    x = torch.randn(1, 8192, device=device).to(dtype)
+    kernels = {"torch.mv": lambda: torch.mv(w, x[0]), "F.linear": lambda: torch.nn.functional.linear(x, w)}
+    if device.type == "cpu" and dtype == torch.float32 and onednn_available():
         kernels["oneDNN"] = lambda: linear(x, w)
     with torch.inference_mode():
         seconds = alternate(kernels, repeats + 5)
-    return {name: w.numel() * 4 / t / 1e9 for name, t in seconds.items()}
+    return {name: w.numel() * w.element_size() / t / 1e9 for name, t in seconds.items()}
 
 
 def subprocess_seconds(code: list[str], repeats: int) -> float:
@@ -79,6 +89,9 @@ def peak_rss_mb(code: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=SHAPES, default=SHAPES[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -87,11 +100,12 @@ def main() -> None:
     if args.quick:
         args.repeats, args.new_tokens = 1, 8
     torch.set_num_threads(args.threads)
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
-    path = checkpoint("gpt2-124m")
-    ours = load_checkpoint(path, device="cpu", dtype="float32")
-    ref = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    path = checkpoint(args.shape)
+    ours = load_checkpoint(path, device=args.device, dtype=args.dtype)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     n = args.new_tokens
     greedy = GenerationConfig(max_new_tokens=n, ignore_eos=True, sampling=SamplingConfig(temperature=0))
 
@@ -99,7 +113,7 @@ def main() -> None:
         return lambda: generate_batch(ours.model, [Row(PROMPT, None, n)] * batch, greedy, ours.decode)
 
     def ref_gen(batch, beams=1):
-        ids = torch.tensor([PROMPT] * batch)
+        ids = torch.tensor([PROMPT] * batch, device=device)
         return lambda: ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                     do_sample=False, num_beams=beams, pad_token_id=0)
 
@@ -116,38 +130,42 @@ def main() -> None:
                        "ref_beam": ref_gen(1, beams=4)}, max(1, args.repeats // 2))
         rows.append(("beam-4 step / greedy step", t["beam"] / t["greedy"], t["ref_beam"] / (n / ref1)))
 
-        long = torch.randint(1, 500, (1, 512))
+        long = torch.randint(1, 500, (1, 512), device=device)
         t = alternate({"llmgen": lambda: ours.model(long, None, ours.model.new_cache(1, 513)), "transformers": lambda: ref(long)},
                       args.repeats)
         rows.append(("prefill tok/s, 512-token prompt", 512 / t["llmgen"], 512 / t["transformers"]))
 
-    baseline = subprocess_seconds([sys.executable, "-c", "import torch"], args.repeats)
-    first = subprocess_seconds([sys.executable, "-m", "llmgen", "run", "I like", "-n", "1", "--seed", "0"], args.repeats)
-    rows.append(("embedded model: `run -n 1` minus `import torch` (s)", first - baseline, None))
-
-    torch_rss = peak_rss_mb("import torch")
-    load_rss = peak_rss_mb(
-        f"import torch; from llmgen.checkpoint import load_checkpoint; c = load_checkpoint({str(path)!r}, device='cpu')\n"
-        "with torch.inference_mode(): c.model(torch.tensor([list(range(1, 17))]))"
-    )
     weights_mb = weight_bytes(ours.model) / 2**20
-    rows.append(("peak RSS MB (weights %.0f MB, torch alone %.0f MB)" % (weights_mb, torch_rss), load_rss, None))
+    if device.type == "cpu":
+        baseline = subprocess_seconds([sys.executable, "-c", "import torch"], args.repeats)
+        first = subprocess_seconds([sys.executable, "-m", "llmgen", "run", "I like", "-n", "1", "--seed", "0"], args.repeats)
+        rows.append(("embedded model: `run -n 1` minus `import torch` (s)", first - baseline, None))
+        torch_rss = peak_rss_mb("import torch")
+        load_rss = peak_rss_mb(
+            f"import torch; from llmgen.checkpoint import load_checkpoint\n"
+            f"c = load_checkpoint({str(path)!r}, device='cpu', dtype={args.dtype!r})\n"
+            "with torch.inference_mode(): c.model(torch.tensor([list(range(1, 17))]))"
+        )
+        rows.append(("peak RSS MB (weights %.0f MB, torch alone %.0f MB)" % (weights_mb, torch_rss), load_rss, None))
 
-    bw = bandwidth_gbs(args.repeats)
+    bw = bandwidth_gbs(args.repeats, device, dtype)
     best = max(bw, key=bw.get)
     bound = bw[best] * 1e9 / weight_bytes(ours.model)
     measured = ", ".join(f"{name} {gbs:.1f}" for name, gbs in bw.items())
     rows.append((f"bandwidth bound, batch-1 tok/s ({best}; GB/s: {measured})", bound, None))
     rows.append(("llmgen batch-1 fraction of the bound", ours1 / bound, None))
 
-    print(f"GPT-2-124M shape, float32, {platform.processor() or platform.machine()}, {args.threads} threads, "
-          f"torch {torch.__version__}, {n} new tokens, median of {args.repeats}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{platform.processor() or platform.machine()}, {args.threads} threads")
+    print(f"{args.shape} shape, {args.dtype}, {where}, torch {torch.__version__}, {n} new tokens, "
+          f"median of {args.repeats}")
     width = max(len(name) for name, _, _ in rows)
     print(f"{'':{width}} {'llmgen':>10} {'transformers':>13} {'ratio':>7}")
     for name, a, b in rows:
         ratio = f"{a / b:6.2f}x" if b else ""
         print(f"{name:{width}} {a:10.3f} {'' if b is None else f'{b:13.3f}'} {ratio:>7}")
-    print(f"(peak RSS budget: 1.3 x weights + torch = {1.3 * weights_mb + torch_rss:.0f} MB)")
+    if device.type == "cpu":
+        print(f"(peak RSS budget: 1.3 x weights + torch = {1.3 * weights_mb + torch_rss:.0f} MB)")
 
 
 if __name__ == "__main__":
