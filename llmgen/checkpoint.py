@@ -212,7 +212,10 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str = "auto", dtype: s
         raise ModelError(f"{cfg_path}: invalid {model_type} config ({e})") from None
 
     tensors, origin = read_tensors(weight_files(model_dir), torch_dtype)
-    renamed = model_cls.rename_checkpoint(tensors, cfg)
+    try:
+        renamed = model_cls.rename_checkpoint(tensors, cfg)
+    except ValueError as e:  # a tensor missing from, or misshapen in, a group the model stacks
+        raise ModelError(f"{model_dir}: {e}") from None
     del tensors  # from here each original is referenced once, so it is freed as it is copied
     state = _checked_state_dict(model, renamed, origin, model_dir)
     model.load_state_dict(state, strict=True, assign=True)

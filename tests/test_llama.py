@@ -79,3 +79,28 @@ def test_unsupported_rope_scaling_is_named(tmp_path, tokenizer):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="yarn"):
         load_checkpoint(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"), r"missing tensor 'model\.layers\.1\.self_attn\.k_proj\.weight'"),
+        (lambda t: t.pop("model.layers.0.mlp.gate_proj.weight"), r"missing tensor 'model\.layers\.0\.mlp\.gate_proj\.weight'"),
+        (lambda t: t.update({"model.layers.0.self_attn.v_proj.weight": torch.zeros(5, 64)}),
+         r"'model\.layers\.0\.self_attn\.v_proj\.weight' has shape \[5, 64\], config\.json implies \[32, 64\]"),
+        (lambda t: t.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(96, 63)}),
+         r"'model\.layers\.1\.mlp\.up_proj\.weight' has shape \[96, 63\], config\.json implies \[96, 64\]"),
+    ],
+)
+def test_stacked_projection_errors_name_the_checkpoint_tensor(tmp_path, tokenizer, edit, message):
+    """q/k/v and gate/up are stacked on load; a missing or misshapen part is still named as stored."""
+    from safetensors.torch import load_file, save_file
+
+    from llmgen.errors import ModelError
+
+    build_llama(tmp_path, "llama", tokenizer=tokenizer)
+    tensors = load_file(tmp_path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=message):
+        load_checkpoint(tmp_path, device="cpu")

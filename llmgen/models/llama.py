@@ -1,8 +1,9 @@
 """The Llama family (Llama 2/3, SmolLM, TinyLlama, Mistral, Qwen2): rotary positions,
 RMSNorm, a SwiGLU MLP, and grouped-query attention.
 
-Parameter names mirror the Hugging Face checkpoint without its ``model.`` prefix, so
-loading is a rename-free copy. Rotary frequencies are computed from the config (they
+Parameter names mirror the Hugging Face checkpoint without its ``model.`` prefix, except
+that each layer's q/k/v and gate/up projections are stacked on load into ``qkv_proj`` and
+``gate_up_proj`` (see ``STACKED``). Rotary frequencies are computed from the config (they
 are not weights), in float32, exactly as transformers does, including the ``linear``
 and ``llama3`` rope scalings.
 """
@@ -132,16 +133,16 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int) -> None:
         super().__init__()
         self.layer, self.heads, self.kv_heads, self.dim = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim
-        self.q_proj = Linear(cfg.hidden_size, self.heads * self.dim, bias=cfg.qkv_bias)
-        self.k_proj = Linear(cfg.hidden_size, self.kv_heads * self.dim, bias=cfg.qkv_bias)
-        self.v_proj = Linear(cfg.hidden_size, self.kv_heads * self.dim, bias=cfg.qkv_bias)
+        self.sizes = (self.heads * self.dim, self.kv_heads * self.dim, self.kv_heads * self.dim)
+        self.qkv_proj = Linear(cfg.hidden_size, sum(self.sizes), bias=cfg.qkv_bias)  # q, k, v stacked
         self.o_proj = Linear(self.heads * self.dim, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = q.view(B, T, self.heads, self.dim).transpose(1, 2)
+        k = k.view(B, T, self.kv_heads, self.dim).transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, self.dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
@@ -158,13 +159,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)  # gate, up stacked
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
@@ -230,10 +231,56 @@ class Llama(nn.Module):
 
     @staticmethod
     def rename_checkpoint(tensors: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, tuple[str, torch.Tensor]]:
-        out = {}
-        for name, t in tensors.items():
+        """Checkpoint tensors under our names, with each layer's q/k/v and gate/up stacked
+        into one matrix. ``tensors`` is emptied as it is read, so each part is freed as
+        soon as its stack is built and loading peaks at the weights plus one stack."""
+        out, pending = {}, {}
+        for name in list(tensors):
+            t = tensors.pop(name)
             key = name.removeprefix("model.")
             if key.endswith(IGNORED_SUFFIXES) or (key == "lm_head.weight" and cfg.tie_word_embeddings):
                 continue
-            out[key] = (name, t)
+            prefix, sep, rest = key.partition(".self_attn.") if ".self_attn." in key else key.partition(".mlp.")
+            part, _, leaf = rest.partition(".")
+            stacked = STACKED_PART.get((sep, part))
+            if stacked is None:
+                out[key] = (name, t)
+                continue
+            target = f"{prefix}{sep}{stacked}.{leaf}"
+            group = pending.setdefault(target, {})
+            group[part] = (name, t)
+            if len(group) == len(STACKED[stacked]):
+                names, pieces = zip(*(group[p] for p in STACKED[stacked]))
+                _check_stackable(names, pieces, _stacked_rows(cfg, stacked), cfg.hidden_size)
+                out[target] = (names[0], torch.cat(pieces))
+                del pending[target]
+        for target, group in pending.items():
+            stacked = target.rsplit(".", 2)[1]
+            present_part, (present_name, _) = next(iter(group.items()))
+            missing = next(p for p in STACKED[stacked] if p not in group)
+            missing_name = present_name.replace(f".{present_part}.", f".{missing}.")
+            raise ValueError(f"missing tensor {missing_name!r} (stacked with {present_name!r} into one projection)")
         return out
+
+
+# Projections that read the same input are stored stacked: one product instead of two
+# or three per layer and step, each over a larger matrix (fewer calls, better streaming).
+STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+STACKED_PART = {  # (".self_attn." or ".mlp.", checkpoint part) -> stacked name
+    (".self_attn.", "q_proj"): "qkv_proj", (".self_attn.", "k_proj"): "qkv_proj", (".self_attn.", "v_proj"): "qkv_proj",
+    (".mlp.", "gate_proj"): "gate_up_proj", (".mlp.", "up_proj"): "gate_up_proj",
+}
+
+
+def _stacked_rows(cfg: LlamaConfig, stacked: str) -> tuple[int, ...]:
+    if stacked == "qkv_proj":
+        return cfg.num_attention_heads * cfg.dim, cfg.num_key_value_heads * cfg.dim, cfg.num_key_value_heads * cfg.dim
+    return cfg.intermediate_size, cfg.intermediate_size
+
+
+def _check_stackable(names: tuple[str, ...], pieces: tuple[torch.Tensor, ...], rows: tuple[int, ...], hidden: int) -> None:
+    """Check each part before stacking, so a wrong shape is reported under the part's own name."""
+    for name, t, n in zip(names, pieces, rows):
+        expected = [n] if t.ndim == 1 else [n, hidden]
+        if list(t.shape) != expected:
+            raise ValueError(f"tensor {name!r} has shape {list(t.shape)}, config.json implies {expected}")
