@@ -100,8 +100,10 @@ def beam_search(model: torch.nn.Module, prompt_ids: list[int], cfg: BeamConfig) 
     finished: list[Hypothesis] = []
     can_improve = True
 
-    cache = model.new_cache(K, len(prompt_ids) + max_new)
-    logits = model(torch.tensor([prompt_ids] * K, device=device), None, cache)[:, -1].float()
+    # The prompt is prefilled once, then its cache row and logits are copied to all K rows.
+    cache = model.new_cache(1, len(prompt_ids) + max_new)
+    logits = model(torch.tensor([prompt_ids], device=device), None, cache)[:, -1].float().repeat(K, 1)
+    cache.reorder(torch.zeros(K, dtype=torch.long, device=device))
     step = 0
     for step in range(max_new):
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -166,7 +168,7 @@ def beam_search(model: torch.nn.Module, prompt_ids: list[int], cfg: BeamConfig) 
         can_improve = can_improve and best_running > worst_finished
         if last_step or not can_improve or (len(finished) == K and cfg.early_stopping):
             break
-        cache.reorder(torch.tensor(parents, device=device))
+        cache.follow(parents)
         logits = model(torch.tensor(next_tokens, device=device)[:, None], None, cache)[:, -1].float()
 
     best = finished[: cfg.num_return]
