@@ -1,8 +1,8 @@
 """Batch generation throughput: tokens/s at batch sizes 1, 4 and 16.
 
-    python bench/batch_throughput.py [--threads 2] [--new-tokens 32] [--repeats 3]
+    python bench/batch_throughput.py [--shape gpt2-124m] [--threads 2] [--new-tokens 32] [--repeats 3]
 
-GPT-2-124M-shaped random weights, float32 on CPU, greedy, EOS ignored, 16-token
+GPT-2-124M-shaped (or --shape) random weights, float32 on CPU, greedy, EOS ignored, 16-token
 prompts of mixed lengths (so left padding is exercised). Prints the median of
 ``--repeats`` runs per batch size and the speed-up over batch size 1.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoints import checkpoint  # noqa: E402
+from checkpoints import SHAPES, checkpoint  # noqa: E402
 
 from llmgen.checkpoint import load_checkpoint  # noqa: E402
 from llmgen.config import GenerationConfig, SamplingConfig  # noqa: E402
@@ -27,6 +27,7 @@ from llmgen.decoding.greedy_sample import Row, generate_batch  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=SHAPES, default=SHAPES[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -34,10 +35,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    ckpt = load_checkpoint(checkpoint("gpt2-124m"), device="cpu", dtype="float32")
+    ckpt = load_checkpoint(checkpoint(args.shape), device="cpu", dtype="float32")
     gen = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True, sampling=SamplingConfig(temperature=0))
     base = list(range(1, 17))
-    print(f"GPT-2-124M shape, float32, CPU, {args.threads} threads, {args.new_tokens} new tokens per prompt")
+    print(f"{args.shape} shape, float32, CPU, {args.threads} threads, {args.new_tokens} new tokens per prompt")
     print(f"{'batch':>5}  {'tokens/s':>9}  {'vs batch 1':>10}")
     first = None
     for size in (int(s) for s in args.sizes.split(",")):

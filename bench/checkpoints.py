@@ -19,6 +19,8 @@ from llmgen.train import init_weights, train_tokenizer
 
 GPT2_SHAPES = {
     "gpt2-124m": GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
+    # Only for the smoke test that keeps the scripts working (tests/test_bench.py).
+    "gpt2-tiny": GPT2Config(vocab_size=512, n_positions=1024, n_embd=32, n_layer=2, n_head=2),
 }
 # transformers LlamaConfig arguments of HuggingFaceTB/SmolLM2-135M.
 LLAMA_SHAPES = {
@@ -26,6 +28,10 @@ LLAMA_SHAPES = {
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000, rms_norm_eps=1e-5,
         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    ),
+    "llama-tiny": dict(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
     ),
 }
 SHAPES = [*GPT2_SHAPES, *LLAMA_SHAPES]

@@ -1,0 +1,33 @@
+"""The benchmark scripts still run (on tiny shapes, one repeat). Nothing here is timed:
+the numbers they print are for people, in the README."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _run(tmp_path, *args) -> str:
+    env = {**os.environ, "LLMGEN_BENCH_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("shape", ["gpt2-tiny", "llama-tiny"])
+def test_run_prints_every_row(tmp_path, shape):
+    out = _run(tmp_path, str(BENCH / "run.py"), "--quick", "--shape", shape)
+    for row in ("decode tok/s, batch 1", "decode tok/s, batch 16", "beam-4 step / greedy step",
+                "prefill tok/s, 512-token prompt", "`run -n 1` minus `import torch`", "peak RSS MB",
+                "bandwidth bound", "fraction of the bound"):
+        assert row in out, (row, out)
+
+
+def test_batch_throughput_runs(tmp_path):
+    out = _run(tmp_path, str(BENCH / "batch_throughput.py"), "--shape", "gpt2-tiny", "--repeats", "1",
+               "--new-tokens", "2", "--sizes", "1,4")
+    assert out.splitlines()[-1].split()[0] == "4"
