@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from llmgen.errors import LlmgenError, ModelError
 from llmgen.models import ARCHITECTURES
+from llmgen.models.linear import pack_linears
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -190,7 +191,11 @@ def _token_id(value, vocab_size: int) -> tuple[int, ...]:
     return tuple(i for i in ids if isinstance(i, int) and 0 <= i < vocab_size)
 
 
-def load_checkpoint(model_dir: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Checkpoint:
+def load_checkpoint(
+    model_dir: str | os.PathLike, device: str = "auto", dtype: str = "auto", trainable: bool = False
+) -> Checkpoint:
+    """Load a model for generation, or with ``trainable`` for training: then every weight
+    stays a dense tensor (for generation, CPU float32 projections are packed for oneDNN)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: not a model directory")
@@ -219,7 +224,10 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str = "auto", dtype: s
     del tensors  # from here each original is referenced once, so it is freed as it is copied
     state = _checked_state_dict(model, renamed, origin, model_dir)
     model.load_state_dict(state, strict=True, assign=True)
+    del state  # the model holds the only reference now, so packing below frees each dense weight
     model = model.to(torch_device).eval().requires_grad_(False)
+    if not trainable:
+        pack_linears(model)
 
     tok_path = model_dir / "tokenizer.json"
     if not tok_path.is_file():

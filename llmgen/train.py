@@ -435,7 +435,7 @@ def finetune(
     on_progress: Callable[[Progress], None] | None = None,
     stop_after: int | None = None,
 ) -> TrainResult:
-    base = load_checkpoint(init_dir, device=str(device), dtype="float32")
+    base = load_checkpoint(init_dir, device=str(device), dtype="float32", trainable=True)
     model = base.model.requires_grad_(True)
     tok = base.tokenizer
     if tok.token_to_id(EOS) is None:

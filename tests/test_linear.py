@@ -64,17 +64,25 @@ def _beam(ckpt, prompt):
     return [(h.token_ids, round(h.score, 4)) for h in result.hypotheses]
 
 
+def _plain(path, monkeypatch):
+    """The same checkpoint with oneDNN off: dense weights, every product through F.linear."""
+    with monkeypatch.context() as m:
+        m.setattr(linear_mod, "onednn_available", lambda: False)
+        ckpt = load_checkpoint(path, device="cpu")
+    assert not any(p.is_mkldnn for p in ckpt.model.parameters())
+    return ckpt
+
+
 @needs_onednn
-def test_same_tokens_with_and_without_onednn_gpt2(ckpt, monkeypatch):
+def test_same_tokens_with_and_without_onednn_gpt2(gpt2_dir, ckpt, monkeypatch):
+    plain = _plain(gpt2_dir[0], monkeypatch)
     prompts = [ckpt.encode(p) for p in ("I like", "The quick brown fox", "Water is")]
-    fast = _greedy(ckpt, prompts), [_greedy(ckpt, [p]) for p in prompts], _beam(ckpt, prompts[0])
+    fast_run, plain_run = ((_greedy(c, prompts), [_greedy(c, [p]) for p in prompts], _beam(c, prompts[0]))
+                           for c in (ckpt, plain))
+    assert any(p.is_mkldnn for p in ckpt.model.parameters())
+    assert fast_run == plain_run
     with torch.no_grad():
-        fast_logits = ckpt.model(torch.tensor([prompts[1]]))
-    monkeypatch.setattr(linear_mod, "onednn_available", lambda: False)
-    plain = _greedy(ckpt, prompts), [_greedy(ckpt, [p]) for p in prompts], _beam(ckpt, prompts[0])
-    with torch.no_grad():
-        plain_logits = ckpt.model(torch.tensor([prompts[1]]))
-    assert fast == plain
+        fast_logits, plain_logits = (c.model(torch.tensor([prompts[1]])) for c in (ckpt, plain))
     assert torch.allclose(fast_logits, plain_logits, atol=1e-5, rtol=0)
 
 
@@ -82,11 +90,20 @@ def test_same_tokens_with_and_without_onednn_gpt2(ckpt, monkeypatch):
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_same_tokens_with_and_without_onednn_llama(tmp_path, kind, monkeypatch):
     build_llama(tmp_path, kind)
-    ckpt = load_checkpoint(tmp_path, device="cpu")
-    prompts = [ckpt.encode("I like"), ckpt.encode("Once upon a time")]
-    fast = _greedy(ckpt, prompts)
-    monkeypatch.setattr(linear_mod, "onednn_available", lambda: False)
-    assert _greedy(ckpt, prompts) == fast
+    fast, plain = load_checkpoint(tmp_path, device="cpu"), _plain(tmp_path, monkeypatch)
+    prompts = [fast.encode("I like"), fast.encode("Once upon a time")]
+    assert _greedy(fast, prompts) == _greedy(plain, prompts)
+    assert _beam(fast, prompts[1]) == _beam(plain, prompts[1])
+
+
+@needs_onednn
+def test_packing_replaces_projections_only_for_generation(gpt2_dir):
+    model = load_checkpoint(gpt2_dir[0], device="cpu").model
+    packed = {name for name, p in model.named_parameters() if p.is_mkldnn}
+    linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Linear)}
+    assert packed == linears and "wte.weight" not in packed  # the tied embedding is looked up by row
+    trainable = load_checkpoint(gpt2_dir[0], device="cpu", trainable=True).model
+    assert not any(p.is_mkldnn for p in trainable.parameters())
 
 
 def test_switch_off_with_environment(monkeypatch):

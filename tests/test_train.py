@@ -75,8 +75,8 @@ def test_resume_after_interruption_reaches_the_same_step_and_weights(tmp_path, c
     resumed = pretrain([corpus], out, CFG, CPU, resume=True)
     assert resumed.steps == CFG.steps
     assert resumed.final_eval_loss == pytest.approx(trained.final_eval_loss, abs=1e-4)
-    a = load_checkpoint(out, device="cpu").model.state_dict()
-    b = load_checkpoint(trained.out_dir, device="cpu").model.state_dict()
+    a = load_checkpoint(out, device="cpu", trainable=True).model.state_dict()
+    b = load_checkpoint(trained.out_dir, device="cpu", trainable=True).model.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
