@@ -31,7 +31,7 @@ from llmgen.checkpoint import load_checkpoint  # noqa: E402
 from llmgen.config import GenerationConfig, SamplingConfig  # noqa: E402
 from llmgen.decoding.beam import BeamConfig, beam_search  # noqa: E402
 from llmgen.decoding.greedy_sample import Row, generate_batch  # noqa: E402
-from llmgen.models.linear import linear, onednn_available  # noqa: E402
+from llmgen.models.linear import PACK_FOR_ROWS, linear, onednn_available  # noqa: E402
 
 PROMPT = list(range(1, 17))
 
@@ -63,13 +63,15 @@ def alternate(fns: dict, repeats: int) -> dict[str, float]:
 
 def bandwidth_gbs(repeats: int, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Bytes per second streamed by a matrix-vector product larger than any cache, with
-    each kernel we can reach: torch.mv, F.linear and, on CPU in float32, the oneDNN
-    product llmgen's layers use. The bound is the fastest, so llmgen is not flattered by a slow kernel."""
+    each kernel we can reach: torch.mv, F.linear and, on CPU in float32, oneDNN's product
+    on the dense and on the packed weight (what llmgen's layers use). The bound is the fastest, so llmgen is not flattered by a slow kernel."""
     w = torch.randn(8192, 8192, device=device).to(dtype)
     x = torch.randn(1, 8192, device=device).to(dtype)
     kernels = {"torch.mv": lambda: torch.mv(w, x[0]), "F.linear": lambda: torch.nn.functional.linear(x, w)}
     if device.type == "cpu" and dtype == torch.float32 and onednn_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_FOR_ROWS)
         kernels["oneDNN"] = lambda: linear(x, w)
+        kernels["oneDNN packed"] = lambda: linear(x, packed)
     with torch.inference_mode():
         seconds = alternate(kernels, repeats + 5)
     return {name: w.numel() * w.element_size() / t / 1e9 for name, t in seconds.items()}
