@@ -2,20 +2,20 @@
 
 Decoding one token at batch size 1 is a chain of matrix-vector products, so its speed
 is the speed of streaming the weights. On CPU in float32, ``F.linear`` hands these to
-MKL, which on the machines we measured streams at 15-20 GB/s; oneDNN's inner product,
-reached through ``torch.ops.mkldnn._linear_pointwise``, reads the *same* row-major
-weight at 30-40 GB/s and stays ahead at batch 4-16 and for 512-token prefills
-(``bench/run.py``; README, Performance). No weight is repacked or copied, so memory and
-``state_dict`` are unchanged. bfloat16 already goes to oneDNN through ``F.linear``;
-float16 is not supported by oneDNN's CPU inner product, so both keep ``F.linear``.
+MKL, which on the machine we measured streams at 15-25 GB/s; oneDNN's inner product,
+reached through ``torch.ops.mkldnn._linear_pointwise``, reads the same row-major
+weight at about 29 GB/s and stays ahead at batch 4-16 and for 512-token prefills
+(``bench/run.py``; README, Performance). bfloat16 already goes to oneDNN through
+``F.linear``; float16 is not supported by oneDNN's CPU inner product, so both keep
+``F.linear``.
 
 oneDNN has no backward here, so the fast path is taken only where autograd is off
 (``torch.inference_mode`` / ``no_grad``, which every decoder uses); training is
 untouched. ``LLMGEN_ONEDNN=0`` turns it off, to compare or to rule it out.
 
 A loaded model goes one step further (``pack_linears``): each projection's weight is
-reordered once into oneDNN's blocked layout, replacing the dense copy, so memory does
-not grow. Dense weights are read well by one row at a time but poorly by 2-16; packed
+reordered once into oneDNN's blocked layout (about 36 GB/s), replacing the dense copy,
+so memory does not grow; ``state_dict`` then holds the packed tensors. Dense weights are read well by one row at a time but poorly by 2-16; packed
 ones are read well by both, which is what beam search (K rows) and batches need.
 """
 
@@ -67,9 +67,7 @@ def pack_linears(model: nn.Module) -> None:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, through oneDNN when that is faster and autograd is not recording."""
-    if weight.is_mkldnn:  # packed by pack_linears: only oneDNN reads it
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    if (
+    if weight.is_mkldnn or (  # packed by pack_linears: only oneDNN reads it
         x.dtype is torch.float32
         and x.device.type == "cpu"
         and weight.dtype is torch.float32
