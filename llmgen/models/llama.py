@@ -133,7 +133,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int) -> None:
         super().__init__()
         self.layer, self.heads, self.kv_heads, self.dim = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim
-        self.sizes = (self.heads * self.dim, self.kv_heads * self.dim, self.kv_heads * self.dim)
+        self.sizes = _stacked_rows(cfg, "qkv_proj")
         self.qkv_proj = Linear(cfg.hidden_size, sum(self.sizes), bias=cfg.qkv_bias)  # q, k, v stacked
         self.o_proj = Linear(self.heads * self.dim, cfg.hidden_size, bias=cfg.o_bias)
 
@@ -265,14 +265,13 @@ class Llama(nn.Module):
 
 # Projections that read the same input are stored stacked: one product instead of two
 # or three per layer and step, each over a larger matrix (fewer calls, better streaming).
+STACKED_IN = {"qkv_proj": ".self_attn.", "gate_up_proj": ".mlp."}  # the submodule each lives in
 STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-STACKED_PART = {  # (".self_attn." or ".mlp.", checkpoint part) -> stacked name
-    (".self_attn.", "q_proj"): "qkv_proj", (".self_attn.", "k_proj"): "qkv_proj", (".self_attn.", "v_proj"): "qkv_proj",
-    (".mlp.", "gate_proj"): "gate_up_proj", (".mlp.", "up_proj"): "gate_up_proj",
-}
+STACKED_PART = {(STACKED_IN[stacked], part): stacked for stacked, parts in STACKED.items() for part in parts}
 
 
 def _stacked_rows(cfg: LlamaConfig, stacked: str) -> tuple[int, ...]:
+    """Output sizes of the parts of a stacked projection, in stacking order."""
     if stacked == "qkv_proj":
         return cfg.num_attention_heads * cfg.dim, cfg.num_key_value_heads * cfg.dim, cfg.num_key_value_heads * cfg.dim
     return cfg.intermediate_size, cfg.intermediate_size
