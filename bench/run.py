@@ -64,7 +64,8 @@ def alternate(fns: dict, repeats: int) -> dict[str, float]:
 def bandwidth_gbs(repeats: int, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Bytes per second streamed by a matrix-vector product larger than any cache, with
     each kernel we can reach: torch.mv, F.linear and, on CPU in float32, oneDNN's product
-    on the dense and on the packed weight (what llmgen's layers use). The bound is the fastest, so llmgen is not flattered by a slow kernel."""
+    on the dense and on the packed weight (what llmgen's layers use). The bound is the
+    fastest, so llmgen is not flattered by a slow kernel."""
     w = torch.randn(8192, 8192, device=device).to(dtype)
     x = torch.randn(1, 8192, device=device).to(dtype)
     kernels = {"torch.mv": lambda: torch.mv(w, x[0]), "F.linear": lambda: torch.nn.functional.linear(x, w)}
