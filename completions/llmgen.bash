@@ -11,12 +11,6 @@ _llmgen() {
     done
     case "$prev" in
         --model|-m) COMPREPLY=($(compgen -d -- "$cur") $(compgen -W "smollm2" -- "$cur")); return ;;
-        --max-new-tokens|-n) return ;;
-        --temperature|-t) return ;;
-        --top-k|-k) return ;;
-        --top-p|-p) return ;;
-        --min-p) return ;;
-        --repetition-penalty) return ;;
         --seed|-s) return ;;
         --num-samples) return ;;
         --stop) return ;;
@@ -25,6 +19,12 @@ _llmgen() {
         --system) return ;;
         --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;
         --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16" -- "$cur")); return ;;
+        --max-new-tokens|-n) return ;;
+        --temperature|-t) return ;;
+        --top-k|-k) return ;;
+        --top-p|-p) return ;;
+        --min-p) return ;;
+        --repetition-penalty) return ;;
         --width|-w) return ;;
         --length-penalty) return ;;
         --num-return) return ;;
@@ -49,14 +49,14 @@ _llmgen() {
     esac
     case "$cmd" in
         "") COMPREPLY=($(compgen -W "run beam exact probs compare score info batch convert pull list train --debug --version --help" -- "$cur")) ;;
-        run) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --repetition-penalty --seed -s --num-samples --stop --ignore-eos --echo --show-probs --show-tree --truncate --errors --chat --system --device --dtype --json --help -h" -- "$cur")) ;;
+        run) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --seed -s --num-samples --stop --ignore-eos --echo --show-probs --show-tree --truncate --errors --chat --system --device --dtype --json --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --repetition-penalty --help -h" -- "$cur")) ;;
         beam) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --width -w --max-new-tokens -n --length-penalty --num-return --no-repeat-ngram-size --early-stopping --show-tree --tree-top --echo --truncate --errors --chat --system --device --dtype --json --help -h" -- "$cur")) ;;
         exact) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --max-new-tokens -n --max-expansions --show-tree --tree-top --echo --truncate --errors --device --dtype --json --help -h" -- "$cur")) ;;
-        probs) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --steps --top --temperature -t --top-k -k --top-p -p --min-p --repetition-penalty --seed -s --truncate --errors --device --dtype --json --help -h" -- "$cur")) ;;
-        compare) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --max-new-tokens -n --width -w --temperature -t --top-k -k --top-p -p --min-p --seed -s --max-expansions --truncate --errors --device --dtype --json --help -h" -- "$cur")) ;;
+        probs) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --steps --top --seed -s --truncate --errors --device --dtype --json --temperature -t --top-k -k --top-p -p --min-p --repetition-penalty --help -h" -- "$cur")) ;;
+        compare) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --max-new-tokens -n --width -w --seed -s --max-expansions --truncate --errors --device --dtype --json --temperature -t --top-k -k --top-p -p --min-p --repetition-penalty --help -h" -- "$cur")) ;;
         score) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --errors --device --dtype --json --help -h" -- "$cur")) ;;
         info) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --device --dtype --json --help -h" -- "$cur")) ;;
-        batch) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--output -o --model -m --batch-size -b --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --repetition-penalty --seed -s --stop --ignore-eos --shard --overwrite --skip-invalid --truncate --chat --system --device --dtype --help -h" -- "$cur")) || COMPREPLY=($(compgen -f -- "$cur")) ;;
+        batch) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--output -o --model -m --batch-size -b --seed -s --stop --ignore-eos --shard --overwrite --skip-invalid --truncate --chat --system --device --dtype --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --repetition-penalty --help -h" -- "$cur")) || COMPREPLY=($(compgen -f -- "$cur")) ;;
         convert) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--dtype --help -h" -- "$cur")) || COMPREPLY=($(compgen -f -- "$cur")) ;;
         pull) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--dtype --help -h" -- "$cur")) || COMPREPLY=($(compgen -W "smollm2" -- "$cur")) ;;
         list) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--available --json --help -h" -- "$cur")) ;;

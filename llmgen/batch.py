@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmgen import config
 from llmgen.errors import LlmgenError, UsageError
 
-RECORD_KEYS = {"prompt", "id", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
+# A record may set any generation setting by its name (``top_p``), besides these.
+RECORD_KEYS = {"prompt", "id", "seed", *config.BY_NAME}
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
@@ -36,7 +36,8 @@ class InputRecord:
     line: int
     prompt: str = ""
     id: Any = None
-    overrides: dict = field(default_factory=dict)
+    seed: int | None = None
+    overrides: dict = field(default_factory=dict)  # settings the record gives, checked
     error: str | None = None
 
 
@@ -100,35 +101,18 @@ def _parse_json_record(rec: InputRecord, line: str) -> None:
         rec.error = 'needs a "prompt" string'
         return
     rec.prompt, rec.id = obj["prompt"], obj.get("id")
-    types = {"max_new_tokens": int, "top_k": int, "seed": int, "temperature": (int, float), "top_p": (int, float)}
-    for key, kind in types.items():
-        if key in obj and obj[key] is not None:
-            value = obj[key]
-            if isinstance(value, bool) or not isinstance(value, kind):
-                rec.error = f'"{key}" must be a number' + (" (integer)" if kind is int else "")
-                return
-            rec.overrides[key] = value
-
-
-def validate(records: list[InputRecord], flags: dict, defaults: dict) -> None:
-    """Check each record's merged settings; a bad value becomes the record's error."""
-    for rec in records:
-        if rec.error:
-            continue
-        try:
-            settings(rec, flags, defaults)
-            seed = rec.overrides.get("seed")
-            config.require(seed is None or 0 <= seed < 2**63, f"seed must be in [0, 2**63), got {seed}")
-        except UsageError as e:
-            rec.error = re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), str(e))
-
-
-def settings(rec: InputRecord, flags: dict, defaults: dict) -> tuple[config.SamplingConfig, int]:
-    """The record's sampling config and max_new_tokens: record > flag > model > llmgen."""
-    merged = {**flags, **{k: v for k, v in rec.overrides.items() if k != "seed"}}
-    values = config.resolve(merged, defaults)
-    config.require(values["max_new_tokens"] >= 1, f"--max-new-tokens must be >= 1, got {values['max_new_tokens']}")
-    return config.sampling_from(values), values["max_new_tokens"]
+    try:
+        seed = obj.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise config.SettingError("seed", "must be a number (integer)")
+        config.check_seed(seed)
+        rec.seed = seed
+        for key, value in obj.items():
+            if key in config.BY_NAME and value is not None:
+                rec.overrides[key] = config.from_json(key, value)
+                config.check(key, rec.overrides[key])
+    except config.SettingError as e:
+        rec.error = e.in_record()
 
 
 # ---------------------------------------------------------------- the output file
@@ -166,7 +150,7 @@ def load_existing(path: Path, records: list[InputRecord], overwrite: bool) -> di
 def base_seed_from(done: dict[int, dict], records: list[InputRecord]) -> int | None:
     """The ``--seed`` base a previous run used, read back from a record that had no seed of its own."""
     for index, out in done.items():
-        if isinstance(out.get("seed"), int) and "seed" not in records[index].overrides:
+        if isinstance(out.get("seed"), int) and records[index].seed is None:
             return out["seed"] - index
     return None
 
@@ -201,37 +185,35 @@ class Sink:
 
 @dataclass(frozen=True)
 class Job:
+    """A record ready to generate: its prompt ids and its settings, resolved once."""
+
     record: InputRecord
     prompt_ids: list[int]
-    seed: int | None
-    max_new_tokens: int
-    sampling: config.SamplingConfig
+    gen: config.GenerationConfig
 
 
-def plan(jobs: list[Job], batch_size: int) -> list[tuple[config.SamplingConfig, list[Job]]]:
+def plan(jobs: list[Job], batch_size: int) -> list[list[Job]]:
     """Group jobs by sampling config, sort each group by prompt length, cut into batches."""
     groups: dict[config.SamplingConfig, list[Job]] = {}
     for job in jobs:
-        groups.setdefault(job.sampling, []).append(job)
+        groups.setdefault(job.gen.sampling, []).append(job)
     batches = []
-    for sampling, group in groups.items():
+    for group in groups.values():
         group.sort(key=lambda j: (len(j.prompt_ids), j.record.index))
-        batches += [(sampling, group[i : i + batch_size]) for i in range(0, len(group), batch_size)]
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     return batches
 
 
-def run_batches(
-    ckpt,
-    batches: list[tuple[config.SamplingConfig, list[Job]]],
-    gen: config.GenerationConfig,
-    sink: Sink,
-    on_batch: Callable[[int, int], None] | None = None,
-) -> None:
+def run_batches(ckpt, batches: list[list[Job]], sink: Sink, on_batch: Callable[[int, int], None] | None = None) -> None:
+    """Generate batch after batch, writing each batch's records as soon as it is done.
+    Jobs in one batch share their sampling config and stop rules; each keeps its own
+    seed and length limit."""
     from llmgen.decoding.greedy_sample import Row, generate_batch
 
-    for sampling, jobs in batches:
-        rows = [Row(j.prompt_ids, None if sampling.greedy else j.seed, j.max_new_tokens) for j in jobs]
-        samples = generate_batch(ckpt.model, rows, replace(gen, sampling=sampling), ckpt.decode)
+    for jobs in batches:
+        gen = jobs[0].gen
+        rows = [Row(j.prompt_ids, None if gen.sampling.greedy else j.gen.seed, j.gen.max_new_tokens) for j in jobs]
+        samples = generate_batch(ckpt.model, rows, gen, ckpt.decode)
         sink.write([output_record(j, s) for j, s in zip(jobs, samples)])
         if on_batch is not None:
             on_batch(len(jobs), sum(len(s.token_ids) for s in samples))

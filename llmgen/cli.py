@@ -6,18 +6,22 @@ answer without paying for ``import torch``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
+import re
 import sys
 import time
 import traceback
 from dataclasses import replace
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from llmgen import __version__
+from llmgen import __version__, config
 from llmgen.errors import LlmgenError, OutputClosed, UsageError
 
 app = typer.Typer(
@@ -31,28 +35,100 @@ app = typer.Typer(
 
 _debug = False
 
+
+class Dtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class StoreDtype(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Truncate(str, Enum):
+    none = "none"
+    left = "left"
+
+
+class Errors(str, Enum):
+    strict = "strict"
+    replace = "replace"
+
+
+class Preset(str, Enum):
+    tiny = "tiny"
+    small = "small"
+
+
+def _device(value: str) -> str:
+    """auto, cpu, cuda or cuda:N, checked while parsing (whether CUDA exists is checked on load)."""
+    if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value):
+        return value
+    raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+
+
 ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", help="Model directory (Hugging Face layout) or pulled model name. Default: $LLMGEN_MODEL, else the embedded model."),
 ]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N. auto picks CUDA when available.")]
-DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16. auto: float32 on CPU, bfloat16 on CUDA.")]
+DeviceOpt = Annotated[str, typer.Option(callback=_device, help="auto, cpu, cuda or cuda:N. auto picks CUDA when available.")]
+DtypeOpt = Annotated[Dtype, typer.Option(help="auto: float32 on CPU, bfloat16 on CUDA.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON records instead of text.")]
 PromptArg = Annotated[Optional[str], typer.Argument(help="Text to continue; '-' or a pipe reads stdin.", show_default=False)]
-MaxNewOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Most tokens to generate. [default: 50]")]
-TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", help="Softmax temperature; 0 = greedy. [default: 1.0]")]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", "-k", help="Sample among the k most probable tokens; 0 = off.")]
-TopPOpt = Annotated[Optional[float], typer.Option("--top-p", "-p", help="Nucleus: smallest set with mass >= p; 1 = off.")]
-MinPOpt = Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min_p x the top probability; 0 = off.")]
-RepetitionOpt = Annotated[Optional[float], typer.Option("--repetition-penalty", help="> 1 discourages tokens already present; 1 = off.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed; sample i uses seed + i. Default: random, and reported.")]
 EchoOpt = Annotated[bool, typer.Option("--echo", help="Print the prompt before the continuation.")]
 ShowTreeOpt = Annotated[bool, typer.Option("--show-tree", help="Draw the search tree.")]
-TruncateOpt = Annotated[str, typer.Option("--truncate", help="A prompt too long for the context: 'none' is an error, 'left' keeps its last tokens that fit.")]
-ErrorsOpt = Annotated[str, typer.Option("--errors", help="Invalid UTF-8 in PROMPT or on stdin: 'strict' is an error, 'replace' substitutes U+FFFD.")]
+TruncateOpt = Annotated[Truncate, typer.Option("--truncate", help="A prompt too long for the context: 'none' is an error, 'left' keeps its last tokens that fit.")]
+ErrorsOpt = Annotated[Errors, typer.Option("--errors", help="Invalid UTF-8 in PROMPT or on stdin: 'strict' is an error, 'replace' substitutes U+FFFD.")]
 ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template; stop at its end-of-turn token.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System message for --chat.")]
 TreeTopOpt = Annotated[int, typer.Option("--tree-top", help="Pruned candidates drawn per node in the tree.")]
+StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this string appears (repeatable); it is cut from the text.")]
+IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-sequence token.")]
+
+SAMPLING_PANEL = "Sampling (each defaults to the model's generation_config.json, else the value shown)"
+
+
+def _setting_option(setting: config.Setting):
+    """The Typer option for one setting of ``config.SETTINGS``: its flag is the field's name."""
+    names = [config.flag_name(setting.name)] + ([setting.short] if setting.short else [])
+    kind = list[setting.kind] if setting.many else setting.kind
+    default = "" if setting.many or setting.default is None else f" [default: {setting.default}]"
+    return Annotated[Optional[kind], typer.Option(*names, help=setting.help + default, rich_help_panel=SAMPLING_PANEL, show_default=False)]
+
+
+def with_settings(*names: str):
+    """Give a command one option per named setting, declared once in ``config.SETTINGS``.
+
+    The command receives them together as ``settings``: a dict with None for each flag
+    not given. They are range-checked here, before any model loads."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        params = [p for p in signature.parameters.values() if p.name != "settings"]
+        params += [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_setting_option(config.BY_NAME[name]))
+            for name in names
+        ]
+
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            settings = {name: kwargs.pop(name) for name in names}
+            settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+            config.check_given(settings)
+            return command(*args, settings=settings, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=params)
+        return wrapper
+
+    return decorate
+
+
+SAMPLING = tuple(s.name for s in config.SETTINGS if s.name != "max_new_tokens")
 
 
 def _version(value: bool) -> None:
@@ -72,60 +148,6 @@ def _root(
     _debug = debug or _debug
 
 
-def _read_prompt(prompt: str | None, errors: str = "strict") -> str:
-    """PROMPT, or stdin for ``-`` or when no PROMPT is given and stdin is a pipe.
-
-    One trailing newline from stdin is dropped, as the shell does for ``$(...)``,
-    so ``echo "I like" | llmgen run`` means the prompt "I like"."""
-    if errors not in ("strict", "replace"):
-        raise UsageError(f"--errors must be strict or replace, got {errors!r}")
-    if prompt is None and sys.stdin.isatty():
-        raise UsageError("missing PROMPT (give it as an argument, or '-' to read stdin)")
-    if prompt is not None and prompt != "-":
-        # Invalid bytes in argv reach Python as lone surrogates; judge them like stdin's.
-        return _decode(prompt.encode("utf-8", "surrogateescape"), errors, "PROMPT")
-    return _decode(sys.stdin.buffer.read(), errors, "stdin").removesuffix("\n")
-
-
-def _decode(data: bytes, errors: str, source: str) -> str:
-    try:
-        return data.decode("utf-8", errors=errors)
-    except UnicodeDecodeError as e:
-        raise LlmgenError(f"{source} is not valid UTF-8 (byte {e.start}); --errors replace substitutes U+FFFD") from None
-
-
-def _prompt_ids(ckpt, prompt: str, truncate: str = "none", room: int = 1, chat: bool = False, system: str | None = None) -> list[int]:
-    """Token ids of the prompt; BOS alone for an empty prompt when the model has one.
-
-    With ``chat`` the prompt is first wrapped in the model's chat template. With
-    ``truncate='left'`` a prompt too long for the context keeps its last tokens,
-    leaving ``room`` positions to generate into (at least one)."""
-    if truncate not in ("none", "left"):
-        raise UsageError(f"--truncate must be none or left, got {truncate!r}")
-    if chat:
-        from llmgen import chat as chats
-
-        prompt = chats.render(ckpt.path, prompt, system)
-    elif system is not None:
-        raise UsageError("--system needs --chat")
-    ids = ckpt.encode(prompt)
-    if not ids and ckpt.bos_token_id is not None:
-        ids = [ckpt.bos_token_id]
-    context = ckpt.model.cfg.context_length
-    if truncate == "left" and len(ids) + 1 > context:
-        keep = max(1, context - max(1, min(room, context - 1)))
-        ids = ids[-keep:]
-    from llmgen.decoding.greedy_sample import check_prompt_fits
-
-    try:
-        check_prompt_fits(len(ids), context)
-    except LlmgenError as e:
-        if not ids:
-            raise
-        raise LlmgenError(f"{e} (--truncate left keeps the last tokens that fit)") from None
-    return ids
-
-
 def _write_json(record: dict) -> None:
     try:
         sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -134,47 +156,57 @@ def _write_json(record: dict) -> None:
         raise OutputClosed from None
 
 
+def _record(prompt, prompt_ids, text, token_ids, logprobs, finish_reason, seed, **extra) -> dict:
+    """The JSON record fields every command shares."""
+    return {
+        "prompt": prompt,
+        "prompt_token_ids": prompt_ids,
+        "text": text,
+        "token_ids": token_ids,
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+        "seed": seed,
+        **extra,
+    }
+
+
 @app.command()
+@with_settings("max_new_tokens", *SAMPLING)
 def run(
     prompt: PromptArg = None,
     model: ModelOpt = None,
-    max_new_tokens: MaxNewOpt = None,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    min_p: MinPOpt = None,
-    repetition_penalty: RepetitionOpt = None,
     seed: SeedOpt = None,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Independent continuations to generate.")] = 1,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this string appears (repeatable); it is cut from the text.")] = None,
-    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-sequence token.")] = False,
+    stop: StopOpt = None,
+    ignore_eos: IgnoreEosOpt = False,
     echo: EchoOpt = False,
     show_probs: Annotated[bool, typer.Option("--show-probs", help="After generating, show each step's token probability and the best alternatives.")] = False,
     show_tree: Annotated[bool, typer.Option("--show-tree", help="With --num-samples: merge the samples into one prefix tree with counts.")] = False,
-    truncate: TruncateOpt = "none",
-    errors: ErrorsOpt = "strict",
+    truncate: TruncateOpt = Truncate.none,
+    errors: ErrorsOpt = Errors.strict,
     chat: ChatOpt = False,
     system: SystemOpt = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
+    settings: dict | None = None,
 ) -> None:
     """Continue PROMPT. Sampling settings default to the model's generation_config.json.
 
     Prints only the continuation (streamed on a terminal); --json prints one record per sample.
     """
-    from llmgen import config
+    from llmgen import orchestrate as orch
 
-    flags = _sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens)
-    gen = config.GenerationConfig(num_samples=num_samples, stop=tuple(stop or ()), seed=seed, ignore_eos=ignore_eos)
-    text = _read_prompt(prompt, errors)
+    config.GenerationConfig(num_samples=num_samples, stop=tuple(stop or ()), seed=seed)  # checked before loading
+    orch.check_chat(chat, system)
+    text = orch.read_prompt(prompt, errors.value)
 
     from llmgen import render
     from llmgen.decoding.greedy_sample import generate
 
-    ckpt = _load(model, device, dtype)
-    gen = _generation_for(ckpt, flags, gen, chat)
-    ids = _prompt_ids(ckpt, text, truncate, gen.max_new_tokens, chat, system)
+    ckpt = orch.load(model, device, dtype.value)
+    gen = orch.generation(ckpt, settings, seed=seed, num_samples=num_samples, stop=tuple(stop or ()), ignore_eos=ignore_eos, chat=chat)
+    ids = orch.prompt_ids(ckpt, text, truncate.value, gen.max_new_tokens, chat, system)
 
     out = render.stdout_console()
     streaming = not as_json and num_samples == 1 and render.is_terminal() and not show_tree
@@ -209,67 +241,6 @@ def run(
         render.stderr_console().print(render.run_summary(n, s.finish_reason, s.seed, elapsed))
 
 
-def _sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens) -> dict:
-    """The sampling flags as given (None = not given), checked before any model loads."""
-    from llmgen import config
-
-    flags = {
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "min_p": min_p,
-        "repetition_penalty": repetition_penalty,
-        "max_new_tokens": max_new_tokens,
-    }
-    resolved = config.resolve(flags)
-    config.sampling_from(resolved)
-    config.GenerationConfig(max_new_tokens=resolved["max_new_tokens"])
-    return flags
-
-
-def _load(model: str | None, device: str, dtype: str):
-    from llmgen.checkpoint import default_model_dir, load_checkpoint
-
-    return load_checkpoint(default_model_dir(model), device=device, dtype=dtype)
-
-
-def _generation_for(ckpt, flags: dict, gen, chat: bool = False):
-    """Fill in the model's defaults and EOS ids (with --chat, its end-of-turn tokens too);
-    draw a seed if sampling needs one."""
-    from llmgen import config
-
-    values = config.resolve(flags, ckpt.generation_defaults)
-    sampling = config.sampling_from(values)
-    seed = gen.seed
-    if seed is None and not sampling.greedy:
-        seed = int.from_bytes(os.urandom(4), "little")
-    return replace(
-        gen, max_new_tokens=values["max_new_tokens"], eos_token_ids=_stop_ids(ckpt, chat), seed=seed, sampling=sampling
-    )
-
-
-def _stop_ids(ckpt, chat: bool) -> tuple[int, ...]:
-    if not chat:
-        return ckpt.eos_token_ids
-    from llmgen.chat import end_of_turn_ids
-
-    return tuple(dict.fromkeys(ckpt.eos_token_ids + end_of_turn_ids(ckpt.tokenizer)))
-
-
-def _record(prompt, prompt_ids, text, token_ids, logprobs, finish_reason, seed, **extra) -> dict:
-    """The JSON record fields every command shares."""
-    return {
-        "prompt": prompt,
-        "prompt_token_ids": prompt_ids,
-        "text": text,
-        "token_ids": token_ids,
-        "logprobs": logprobs,
-        "finish_reason": finish_reason,
-        "seed": seed,
-        **extra,
-    }
-
-
 @app.command()
 def beam(
     prompt: PromptArg = None,
@@ -283,27 +254,29 @@ def beam(
     show_tree: ShowTreeOpt = False,
     tree_top: TreeTopOpt = 3,
     echo: EchoOpt = False,
-    truncate: TruncateOpt = "none",
-    errors: ErrorsOpt = "strict",
+    truncate: TruncateOpt = Truncate.none,
+    errors: ErrorsOpt = Errors.strict,
     chat: ChatOpt = False,
     system: SystemOpt = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """Beam search: keep the WIDTH most probable partial sequences at every step.
 
     --show-tree draws every candidate each beam considered: survivors bold, pruned dim, finished hypotheses marked, the winning path green.
     """
+    from llmgen import orchestrate as orch
     from llmgen.decoding.beam import BeamConfig, beam_search
 
     cfg = BeamConfig(width, max_new_tokens, length_penalty, num_return, no_repeat_ngram_size, early_stopping, (), tree_top)
-    text = _read_prompt(prompt, errors)
+    orch.check_chat(chat, system)
+    text = orch.read_prompt(prompt, errors.value)
     from llmgen import render
 
-    ckpt = _load(model, device, dtype)
-    cfg = replace(cfg, eos_token_ids=_stop_ids(ckpt, chat))
-    ids = _prompt_ids(ckpt, text, truncate, max_new_tokens, chat, system)
+    ckpt = orch.load(model, device, dtype.value)
+    cfg = replace(cfg, eos_token_ids=orch.stop_ids(ckpt, chat))
+    ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens, chat, system)
     result = beam_search(ckpt.model, ids, cfg)
     hyps = result.hypotheses
     if as_json:
@@ -333,24 +306,25 @@ def exact(
     show_tree: ShowTreeOpt = False,
     tree_top: TreeTopOpt = 3,
     echo: EchoOpt = False,
-    truncate: TruncateOpt = "none",
-    errors: ErrorsOpt = "strict",
+    truncate: TruncateOpt = Truncate.none,
+    errors: ErrorsOpt = Errors.strict,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """The provably most probable continuation (ending at EOS or after N tokens).
 
     Best-first search on cumulative log-probability, bounded by the greedy sequence: reports the nodes expanded against the |V|^N sequences brute force would score.
     """
+    from llmgen import orchestrate as orch
     from llmgen.decoding.exact import ExactConfig, exact_search
 
     cfg = ExactConfig(max_new_tokens=max_new_tokens, max_expansions=max_expansions)
-    text = _read_prompt(prompt, errors)
+    text = orch.read_prompt(prompt, errors.value)
     from llmgen import render
 
-    ckpt = _load(model, device, dtype)
-    ids = _prompt_ids(ckpt, text, truncate, max_new_tokens)
+    ckpt = orch.load(model, device, dtype.value)
+    ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens)
     result = exact_search(ckpt.model, ids, replace(cfg, eos_token_ids=ckpt.eos_token_ids), ckpt.decode)
     continuation = ckpt.decode(result.token_ids)
     if as_json:
@@ -367,46 +341,44 @@ def exact(
 
 
 @app.command()
+@with_settings(*SAMPLING)
 def probs(
     prompt: PromptArg = None,
     model: ModelOpt = None,
     steps: Annotated[int, typer.Option("--steps", help="Follow the chosen token for this many steps, one table each.")] = 1,
     top: Annotated[int, typer.Option("--top", help="Rows per table.")] = 10,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    min_p: MinPOpt = None,
-    repetition_penalty: RepetitionOpt = None,
     seed: SeedOpt = None,
-    truncate: TruncateOpt = "none",
-    errors: ErrorsOpt = "strict",
+    truncate: TruncateOpt = Truncate.none,
+    errors: ErrorsOpt = Errors.strict,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
+    settings: dict | None = None,
 ) -> None:
-    """The next-token distribution as a table: model probability, after temperature, after top-k / top-p / min-p and renormalisation, and which filter removed each token.
+    """The next-token distribution as a table: model probability, after each sampler stage and renormalisation, and which stage removed each token.
     """
-    from llmgen import config
+    from llmgen import orchestrate as orch
     from llmgen.decoding.probs import follow
 
     if steps < 1 or top < 1:
         raise UsageError("--steps and --top must be >= 1")
-    flags = _sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, None)
-    text = _read_prompt(prompt, errors)
+    config.check_seed(seed)
+    text = orch.read_prompt(prompt, errors.value)
     from llmgen import render
 
-    ckpt = _load(model, device, dtype)
-    gen = _generation_for(ckpt, flags, config.GenerationConfig(seed=seed))
-    ids = _prompt_ids(ckpt, text, truncate, steps)
+    ckpt = orch.load(model, device, dtype.value)
+    gen = orch.generation(ckpt, settings, seed=seed)
+    ids = orch.prompt_ids(ckpt, text, truncate.value, steps)
     dists = follow(ckpt.model, ids, gen.sampling, steps, gen.seed)
     if as_json:
         for d in dists:
             order = sorted(range(len(d.raw)), key=lambda i: -d.raw[i])[:top]
             _write_json({
                 "prompt": text, "prompt_token_ids": ids, "step": d.step, "token_id": d.chosen, "seed": gen.seed,
+                "samplers": d.order,
                 "candidates": [
                     {"token_id": t, "token": ckpt.token_text(t), "prob": d.raw[t], "tempered_prob": d.tempered[t],
-                     "final_prob": d.final[t], "removed_by": d.removed_by[t]}
+                     "final_prob": d.final[t], "removed_by": d.removed_by[t], "changed_by": d.changed_by.get(t, [])}
                     for t in order
                 ],
             })
@@ -419,57 +391,33 @@ def probs(
 
 
 @app.command()
+@with_settings(*SAMPLING)
 def compare(
     prompt: PromptArg = None,
     model: ModelOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per continuation.")] = 8,
     width: Annotated[int, typer.Option("--width", "-w", help="Beam width.")] = 4,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    min_p: MinPOpt = None,
     seed: SeedOpt = None,
     max_expansions: Annotated[int, typer.Option("--max-expansions", help="Budget for the exact search.")] = 2000,
-    truncate: TruncateOpt = "none",
-    errors: ErrorsOpt = "strict",
+    truncate: TruncateOpt = Truncate.none,
+    errors: ErrorsOpt = Errors.strict,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
+    settings: dict | None = None,
 ) -> None:
     """Greedy, beam, exact and sampled continuations side by side, each with its total log-probability: see for yourself that greedy is not always the most probable.
     """
-    from llmgen import config
-    from llmgen.decoding.beam import BeamConfig, beam_search
-    from llmgen.decoding.exact import ExactConfig, exact_search
-    from llmgen.decoding.greedy_sample import generate
+    from llmgen import orchestrate as orch
 
-    flags = _sampling_flags(temperature, top_k, top_p, min_p, None, max_new_tokens)
-    beam_cfg = BeamConfig(width=width, max_new_tokens=max_new_tokens, length_penalty=0.0)
-    exact_cfg = ExactConfig(max_new_tokens=max_new_tokens, max_expansions=max_expansions)
-    text = _read_prompt(prompt, errors)
+    config.check("max_new_tokens", max_new_tokens)
+    config.check_seed(seed)
+    text = orch.read_prompt(prompt, errors.value)
     from llmgen import render
 
-    ckpt = _load(model, device, dtype)
-    ids = _prompt_ids(ckpt, text, truncate, max_new_tokens)
-    eos = ckpt.eos_token_ids
-    sampled = _generation_for(ckpt, flags, config.GenerationConfig(seed=seed))
-    if sampled.sampling.greedy:
-        sampled = replace(sampled, sampling=replace(sampled.sampling, temperature=1.0, top_k=0), seed=sampled.seed or 0)
-    greedy = replace(sampled, sampling=config.SamplingConfig(temperature=0), seed=None)
-    rows = []
-    g = generate(ckpt.model, ids, greedy, ckpt.decode)[0]
-    rows.append({"strategy": "greedy", "token_ids": g.token_ids, "logprob": g.logprob})
-    b = beam_search(ckpt.model, ids, replace(beam_cfg, eos_token_ids=eos)).hypotheses[0]
-    rows.append({"strategy": f"beam (width {width})", "token_ids": b.token_ids, "logprob": b.logprob})
-    e = exact_search(ckpt.model, ids, replace(exact_cfg, eos_token_ids=eos), ckpt.decode)
-    note = f"optimal, {e.expanded:,} expansions" if e.proven else f"not proven within {max_expansions:,} expansions"
-    rows.append({"strategy": "exact", "token_ids": e.token_ids, "logprob": e.logprob, "note": note})
-    s = sampled.sampling
-    s_name = f"sample (T={s.temperature:g}" + (f", k={s.top_k}" if s.top_k else "") + (f", p={s.top_p:g}" if s.top_p < 1 else "") + ")"
-    smp = generate(ckpt.model, ids, sampled, ckpt.decode)[0]
-    rows.append({"strategy": s_name, "token_ids": smp.token_ids, "logprob": smp.logprob, "note": f"seed {smp.seed}"})
-    for r in rows:
-        r["text"] = ckpt.decode(r["token_ids"])
+    ckpt = orch.load(model, device, dtype.value)
+    ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens)
+    rows = orch.compare(ckpt, ids, {**settings, "max_new_tokens": max_new_tokens}, seed, width, max_expansions)
     if as_json:
         for r in rows:
             _write_json({"prompt": text, "prompt_token_ids": ids, **r})
@@ -481,21 +429,23 @@ def compare(
 def score(
     text: Annotated[Optional[str], typer.Argument(help="Text to score; '-' reads stdin.", show_default=False)] = None,
     model: ModelOpt = None,
-    errors: ErrorsOpt = "strict",
+    errors: ErrorsOpt = Errors.strict,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """Teacher-forced log-probability of every token of TEXT, and its perplexity.
 
     The first token is scored after the model's BOS token when it has one; otherwise it has no context and its logprob is null.
     """
-    content = _read_prompt(text, errors)
+    from llmgen import orchestrate as orch
+
+    content = orch.read_prompt(text, errors.value)
 
     from llmgen import render
     from llmgen.scoring import score as score_text
 
-    ckpt = _load(model, device, dtype)
+    ckpt = orch.load(model, device, dtype.value)
     result = score_text(ckpt.model, ckpt.encode(content), ckpt.bos_token_id)
     if as_json:
         _write_json(
@@ -515,14 +465,15 @@ def score(
 def info(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """Describe a model: architecture, parameters, vocabulary, context, dtype, device, files and where it came from."""
+    from llmgen import orchestrate as orch
     from llmgen import render
     from llmgen.checkpoint import describe
 
-    facts = describe(_load(model, device, dtype))
+    facts = describe(orch.load(model, device, dtype.value))
     if as_json:
         _write_json(facts)
         return
@@ -530,44 +481,40 @@ def info(
 
 
 @app.command()
+@with_settings("max_new_tokens", *SAMPLING)
 def batch(
-    input_path: Annotated[str, typer.Argument(metavar="INPUT", help="Prompts: a text file (one per line) or JSONL (.jsonl) of {prompt, id?, max_new_tokens?, temperature?, top_k?, top_p?, seed?}; '-' is stdin.")],
+    input_path: Annotated[str, typer.Argument(metavar="INPUT", help="Prompts: a text file (one per line) or JSONL (.jsonl) of {prompt, id?, seed?, and any sampling setting by name, e.g. top_p}; '-' is stdin.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL to append to (resumable). Default: stdout.")] = None,
     model: ModelOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts generated together.")] = 16,
-    max_new_tokens: MaxNewOpt = None,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    min_p: MinPOpt = None,
-    repetition_penalty: RepetitionOpt = None,
     seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Base seed: a record without its own seed uses seed + index.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable), for every record.")] = None,
-    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-sequence token.")] = False,
+    ignore_eos: IgnoreEosOpt = False,
     shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: only records whose index is I mod N.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT instead of resuming it.")] = False,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Write an error record for a malformed input record and go on.")] = False,
-    truncate: TruncateOpt = "none",
+    truncate: TruncateOpt = Truncate.none,
     chat: ChatOpt = False,
     system: SystemOpt = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    settings: dict | None = None,
 ) -> None:
     """Generate for every prompt of INPUT: one JSONL record each, with `index` and the fields of run --json.
 
     Re-running the same command resumes: records already in OUTPUT are skipped, a torn last line is repaired. Records come out in batch order; each carries its `index`.
     """
     from llmgen import batch as batching
-    from llmgen import config
+    from llmgen import orchestrate as orch
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    flags = _sampling_flags(temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens)
-    gen = config.GenerationConfig(stop=tuple(stop or ()), ignore_eos=ignore_eos, seed=seed)
+    config.GenerationConfig(stop=tuple(stop or ()), seed=seed)  # checked before loading
+    orch.check_chat(chat, system)
+    options = orch.BatchOptions(settings, seed, tuple(stop or ()), ignore_eos, truncate.value, chat, system)
     shard_i, shard_n = batching.parse_shard(shard)
     records = batching.read_input(input_path)
     mine = [r for r in records if r.index % shard_n == shard_i]
-    batching.validate(mine, flags, {})
     _stop_on_invalid(input_path, mine, skip_invalid)
     done = batching.load_existing(output, records, overwrite) if output else {}
     todo = [r for r in mine if r.index not in done]
@@ -575,29 +522,15 @@ def batch(
 
     from llmgen import render
 
-    ckpt = _load(model, device, dtype)
-    gen = replace(gen, eos_token_ids=_stop_ids(ckpt, chat))
-    batching.validate(todo, flags, ckpt.generation_defaults)
+    ckpt = orch.load(model, device, dtype.value)
     base = seed if seed is not None else batching.base_seed_from(done, records)
-    if base is None:
-        base = int.from_bytes(os.urandom(4), "little")
-    jobs = []
-    for rec in todo:
-        if rec.error is not None:
-            continue
-        sampling, limit = batching.settings(rec, flags, ckpt.generation_defaults)
-        try:
-            ids = _prompt_ids(ckpt, rec.prompt, truncate, limit, chat, system)
-        except LlmgenError as e:
-            rec.error = str(e)
-            continue
-        jobs.append(batching.Job(rec, ids, rec.overrides.get("seed", base + rec.index), limit, sampling))
+    jobs = orch.batch_jobs(ckpt, todo, options, base if base is not None else orch.draw_seed())
     _stop_on_invalid(input_path, todo, skip_invalid)
     errors = [batching.error_record(r) for r in todo if r.error is not None]
     if errors:
         sink.write(errors)
     with render.BatchProgress(len(todo), already=len(errors)) as progress:
-        batching.run_batches(ckpt, batching.plan(jobs, batch_size), gen, sink, progress.update)
+        batching.run_batches(ckpt, batching.plan(jobs, batch_size), sink, progress.update)
     sink.close()
 
 
@@ -611,7 +544,7 @@ def _stop_on_invalid(input_path: str, records, skip_invalid: bool) -> None:
 def convert(
     gguf_file: Annotated[Path, typer.Argument(metavar="MODEL.gguf", help="GGUF file to convert.")],
     output_dir: Annotated[Path, typer.Argument(metavar="OUTPUT_DIR", help="Directory to write (Hugging Face layout).")],
-    dtype: Annotated[str, typer.Option("--dtype", help="How the weights are stored: bfloat16, float16 or float32.")] = "bfloat16",
+    dtype: Annotated[StoreDtype, typer.Option("--dtype", help="How the weights are stored.")] = StoreDtype.bfloat16,
 ) -> None:
     """Convert a GGUF file (llama.cpp) into a safetensors model directory that --model loads: weights dequantized, config, tokenizer, generation config and chat template rebuilt from the GGUF metadata."""
     from llmgen import render
@@ -619,30 +552,26 @@ def convert(
     from llmgen.convert import convert as convert_gguf
     from llmgen.convert import tensor_count
 
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not gguf_file.is_file():
         raise LlmgenError(f"{gguf_file}: file not found")
     with render.TaskProgress("convert", tensor_count(gguf_file)) as progress:
-        cfg = convert_gguf(gguf_file, output_dir, DTYPES[dtype], progress.advance)
+        cfg = convert_gguf(gguf_file, output_dir, DTYPES[dtype.value], progress.advance)
     render.stderr_console().print(render.converted_summary(cfg, output_dir))
 
 
 @app.command()
 def pull(
     name: Annotated[str, typer.Argument(help="A model from the catalogue (see `llmgen list --available`).")],
-    dtype: Annotated[str, typer.Option("--dtype", help="How the weights are stored: bfloat16, float16 or float32.")] = "bfloat16",
+    dtype: Annotated[StoreDtype, typer.Option("--dtype", help="How the weights are stored.")] = StoreDtype.bfloat16,
 ) -> None:
     """Fetch a model by name into the cache ($LLMGEN_HOME, else the XDG cache) and convert it; then --model NAME works."""
     from llmgen import render
     from llmgen.checkpoint import DTYPES
     from llmgen.models_cache import pull as pull_model
 
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     progress = render.TaskProgress(f"pull {name}", None)
     with progress:
-        path = pull_model(name, DTYPES[dtype], progress.advance, progress.set_total)
+        path = pull_model(name, DTYPES[dtype.value], progress.advance, progress.set_total)
     render.stderr_console().print(render.pulled_summary(name, path))
 
 
@@ -667,7 +596,7 @@ def list_models(
 def train(
     text_files: Annotated[Optional[list[Path]], typer.Argument(help="Plain-text training files (UTF-8).", show_default=False)] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint directory to write.")] = Path("model"),
-    preset: Annotated[str, typer.Option(help="Size and schedule to start from: tiny or small.")] = "tiny",
+    preset: Annotated[Preset, typer.Option(help="Size and schedule to start from.")] = Preset.tiny,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Sequences per step.")] = None,
     context: Annotated[Optional[int], typer.Option(help="Tokens per training sequence (and the model's context).")] = None,
@@ -689,13 +618,11 @@ def train(
     """
     from llmgen import train as training
 
-    if preset not in training.PRESETS:
-        raise UsageError(f"--preset must be one of {', '.join(training.PRESETS)}, got {preset!r}")
     overrides = {
         "steps": steps, "batch_size": batch_size, "context": context, "lr": lr, "vocab_size": vocab_size,
         "n_layer": layers, "n_embd": dim, "n_head": heads, "bf16": bf16,
     }
-    cfg = replace(training.PRESETS[preset], seed=seed, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = replace(training.PRESETS[preset.value], seed=seed, **{k: v for k, v in overrides.items() if v is not None})
     if (init is None) != (pairs is None):
         raise UsageError("--init and --pairs go together (fine-tuning); give both or neither")
     if init is None and not text_files:

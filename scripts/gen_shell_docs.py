@@ -5,12 +5,13 @@
     python scripts/gen_shell_docs.py --check    # exit 1 if they are stale
 
 Everything comes from the command tree: commands, their options, help texts. Value
-hints (directories for --model, the choices of --device ...) are the table VALUES.
+hints are an option's choices (its Enum) or, for the rest, the table VALUES.
 """
 
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 
 import typer.main
@@ -28,10 +29,6 @@ MODEL_NAMES = " ".join(sorted(catalog()))
 VALUES = {
     "--model": "model",  # a directory, or a pullable model's name
     "--device": ["auto", "cpu", "cuda"],
-    "--dtype": ["auto", "float32", "bfloat16", "float16"],
-    "--truncate": ["none", "left"],
-    "--errors": ["strict", "replace"],
-    "--preset": ["tiny", "small"],
     "--output": "file",
     "--init": "dir",
     "--pairs": "file",
@@ -87,6 +84,9 @@ def long_name(p) -> str:
 
 
 def values_of(p):
+    kind = getattr(getattr(p, "type_descriptor", None), "annotation", None)
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        return [c.value for c in kind]
     return VALUES.get(long_name(p)) if p.param_type_name == "option" else VALUES.get(p.name)
 
 
@@ -280,7 +280,9 @@ def man() -> str:
             out += [".TP", f"\\fI{a.name.upper()}\\fR", roff(a.help or "")]
         for p in options(c):
             names = ", ".join(p.opts + p.secondary_opts)
-            value = "" if getattr(p, "is_flag", False) else " \\fIVALUE\\fR"
+            choices = None if getattr(p, "is_flag", False) else values_of(p)
+            choices = choices if isinstance(choices, list) else None
+            value = "" if getattr(p, "is_flag", False) else f" \\fI{'|'.join(choices) if choices else 'VALUE'}\\fR"
             out += [".TP", f"\\fB{roff(names)}\\fR{value}", roff(p.help or "")]
     out.append(".SH ENVIRONMENT")
     for name, text in ENVIRONMENT:

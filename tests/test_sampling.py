@@ -7,18 +7,37 @@ import torch
 
 from llmgen.config import SamplingConfig
 from llmgen.errors import UsageError
-from llmgen.sampling import (
-    apply_repetition_penalty,
-    apply_temperature,
-    choose_next,
-    filter_logits,
-    min_p_filter,
-    sampling_distribution,
-    top_k_filter,
-    top_p_filter,
-)
+from llmgen.sampling import build_sampler
+from llmgen.sampling.penalties import Penalties
+from llmgen.sampling.stage import Rows
+from llmgen.sampling.temperature import Temperature
+from llmgen.sampling.truncation import MinP, TopK, TopP
 
 INF = float("inf")
+
+
+def top_k_filter(logits, k):
+    return TopK(k).apply(logits) if k > 0 else logits
+
+
+def top_p_filter(logits, p):
+    return TopP(p).apply(logits)
+
+
+def min_p_filter(logits, min_p):
+    return MinP(min_p).apply(logits) if min_p > 0 else logits
+
+
+def sampling_distribution(logits, cfg, prompts=None):
+    return build_sampler(cfg, prompts or [[]] * logits.shape[0], [0] * logits.shape[0], logits.shape[-1]).distribution(logits)
+
+
+def choose_next(logits, cfg, gens):
+    """One draw per row with the given generators (the Draw stage's own, replaced)."""
+    s = build_sampler(cfg, [[]] * logits.shape[0], [None if cfg.greedy else 0] * logits.shape[0], logits.shape[-1])
+    if gens is not None:
+        s.terminal.generators = gens
+    return s.choose(logits)
 
 
 def kept(logits: torch.Tensor) -> set[int]:
@@ -37,7 +56,6 @@ def test_top_k_keeps_exactly_k():
         for row, out_row in zip(logits, out):
             assert set(torch.nonzero(torch.isfinite(out_row)).flatten().tolist()) == set(row.topk(k).indices.tolist())
         assert torch.equal(out[torch.isfinite(out)], logits[torch.isfinite(out)])  # survivors untouched
-    assert torch.equal(top_k_filter(logits, 0), logits)
     assert torch.equal(top_k_filter(logits, 50), logits)
 
 
@@ -72,21 +90,19 @@ def test_min_p_keeps_tokens_above_fraction_of_max():
     assert kept(min_p_filter(probs.log(), 0.5)) == {0, 1}
     assert kept(min_p_filter(probs.log(), 0.1)) == {0, 1, 2, 3}
     assert kept(min_p_filter(probs.log(), 1.0)) == {0}
-    assert torch.equal(min_p_filter(probs.log(), 0.0), probs.log())
 
 
 def test_temperature_divides_logits():
     logits = random_logits(2)
-    assert torch.equal(apply_temperature(logits, 0.5), logits / 0.5)
-    assert torch.equal(apply_temperature(logits, 1.0), logits)
+    assert torch.equal(Temperature(0.5).apply(logits), logits / 0.5)
     with pytest.raises(ValueError):
-        apply_temperature(logits, 0)
+        Temperature(0)
 
 
 def test_repetition_penalty():
     logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
-    seen = torch.tensor([[True, True, False, False]])
-    assert torch.equal(apply_repetition_penalty(logits, seen, 2.0), torch.tensor([[1.0, -4.0, 1.0, -1.0]]))
+    stage = Penalties(Rows([[0, 1]], [None], "cpu"), 4, repetition=2.0)
+    assert torch.equal(stage.apply(logits), torch.tensor([[1.0, -4.0, 1.0, -1.0]]))
 
 
 def test_chain_matches_transformers_warpers():
@@ -99,10 +115,10 @@ def test_chain_matches_transformers_warpers():
     )
 
     ids = torch.tensor([[3, 7, 7, 11]] * 4)
-    seen = torch.zeros(4, 50, dtype=torch.bool).scatter(1, ids, True)
     for seed, (t, k, p, m, r) in enumerate([(0.7, 10, 0.9, 0.0, 1.3), (1.5, 0, 0.5, 0.05, 1.0), (1.0, 5, 1.0, 0.2, 0.8)]):
         logits = random_logits(seed)
-        ours = filter_logits(logits, SamplingConfig(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=r), seen)
+        chain = build_sampler(SamplingConfig(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=r), ids.tolist(), [0] * 4, 50)
+        ours = chain.process(logits)
         theirs = RepetitionPenaltyLogitsProcessor(r)(ids, logits.clone())
         theirs = TemperatureLogitsWarper(t)(ids, theirs)
         if k:

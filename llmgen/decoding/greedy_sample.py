@@ -17,7 +17,7 @@ from llmgen.cache import pad, positions_from_mask
 from llmgen.config import GenerationConfig
 from llmgen.decoding.trace import Candidate, Sample, Step
 from llmgen.errors import LlmgenError
-from llmgen.sampling import choose_next, seen_tokens
+from llmgen.sampling import build_sampler
 from llmgen.text import ContinuationText
 
 # Called with (row, newly safe text) as a continuation grows, for streaming.
@@ -78,7 +78,6 @@ def generate_batch(
     would alone. A row that finishes leaves the batch (its cache row is dropped), so
     the remaining steps cost only what the live rows need.
     """
-    cfg = gen.sampling
     context = model.cfg.context_length
     for row in rows:
         check_prompt_fits(len(row.prompt_ids), context)
@@ -86,22 +85,16 @@ def generate_batch(
     device = next(model.parameters()).device
     ids, mask = pad([r.prompt_ids for r in rows], left=True)
     ids, mask = ids.to(device), mask.to(device)
-    width = ids.shape[1]
 
-    generators = None
-    if not cfg.greedy:
-        if any(r.seed is None for r in rows):
-            raise ValueError("sampling needs a seed per row")
-        generators = [torch.Generator(device).manual_seed(r.seed) for r in rows]
-    seen = None
-    if cfg.repetition_penalty != 1.0:
-        seen = seen_tokens([r.prompt_ids for r in rows], model.cfg.vocab_size, device)
-
-    samples = [Sample(seed=None if cfg.greedy else r.seed) for r in rows]
+    greedy = gen.sampling.greedy
+    sampler = build_sampler(
+        gen.sampling, [r.prompt_ids for r in rows], [None if greedy else r.seed for r in rows], model.cfg.vocab_size, device
+    )
+    samples = [Sample(seed=None if greedy else r.seed) for r in rows]
     texts = [ContinuationText(decode, gen.stop) for _ in rows]
     stop_ids = set(gen.stop_token_ids)
 
-    cache = model.new_cache(len(rows), width + max(limits))
+    cache = model.new_cache(len(rows), ids.shape[1] + max(limits))
     cache.set_padding(mask)
     positions = positions_from_mask(mask)
     logits = model(ids, positions, cache)[:, -1].float()
@@ -109,30 +102,18 @@ def generate_batch(
     live = list(range(len(rows)))  # which original row each cache row holds
     step = 0
     while live:
-        next_ids = choose_next(logits, cfg, generators, seen)
+        next_ids = sampler.choose(logits)
+        sampler.accept(next_ids)
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = logprobs.gather(-1, next_ids[:, None])[:, 0].tolist()
         top = logprobs.topk(min(trace_top, logprobs.shape[-1])) if trace_top else None
         keep = []
         for slot, (row, token) in enumerate(zip(live, next_ids.tolist())):
-            sample, text = samples[row], texts[row]
-            sample.token_ids.append(token)
-            sample.logprobs.append(chosen[slot])
+            alts = ()
             if top is not None:
                 alts = tuple(Candidate(t, lp) for t, lp in zip(top.indices[slot].tolist(), top.values[slot].tolist()))
-                sample.steps.append(Step(token, chosen[slot], alts))
-            delta = ""
-            if token in stop_ids:
-                sample.finish_reason = "eos"
-            else:
-                delta, stopped = text.push(token)
-                if stopped:
-                    sample.finish_reason = "stop"
-            if sample.finish_reason is None and step + 1 == limits[row]:
-                sample.finish_reason = "length"
-            if sample.finish_reason is not None:
-                delta += text.flush()
-            else:
+            delta = _record_token(samples[row], texts[row], token, chosen[slot], alts, stop_ids, step + 1 == limits[row], top is not None)
+            if samples[row].finish_reason is None:
                 keep.append(slot)
             if on_text is not None and delta:
                 on_text(row, delta)
@@ -143,13 +124,31 @@ def generate_batch(
             index = torch.tensor(keep, device=device)
             cache.reorder(index)
             next_ids, next_pos = next_ids[index], next_pos[index]
-            seen = seen[index] if seen is not None else None
-            generators = [generators[i] for i in keep] if generators is not None else None
+            sampler.keep(keep)
             live = [live[i] for i in keep]
-        if seen is not None:
-            seen.scatter_(1, next_ids[:, None], True)
         logits = model(next_ids[:, None], next_pos, cache)[:, -1].float()
         next_pos = next_pos + 1
     for sample, text in zip(samples, texts):
         sample.text = text.text
     return samples
+
+
+def _record_token(sample: Sample, text: ContinuationText, token: int, logprob: float, alts, stop_ids, at_limit: bool, trace: bool) -> str:
+    """Append one chosen token to its sample and say whether it finished; returns the
+    text that became safe to show."""
+    sample.token_ids.append(token)
+    sample.logprobs.append(logprob)
+    if trace:
+        sample.steps.append(Step(token, logprob, alts))
+    delta = ""
+    if token in stop_ids:
+        sample.finish_reason = "eos"
+    else:
+        delta, stopped = text.push(token)
+        if stopped:
+            sample.finish_reason = "stop"
+    if sample.finish_reason is None and at_limit:
+        sample.finish_reason = "length"
+    if sample.finish_reason is not None:
+        delta += text.flush()
+    return delta

@@ -1,0 +1,183 @@
+"""What the commands do between parsing and rendering: read the prompt, load the model,
+turn text into prompt ids, resolve the settings once, draw seeds, and assemble the
+recipes that several engine calls make up (``compare``, batch jobs).
+
+Nothing here prints, and nothing here parses flags: ``cli.py`` hands over plain values
+(settings as a dict, None where a flag was not given).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, replace
+from typing import Any
+
+from llmgen import config
+from llmgen.errors import LlmgenError, UsageError
+
+
+def read_prompt(prompt: str | None, errors: str = "strict") -> str:
+    """PROMPT, or stdin for ``-`` or when no PROMPT is given and stdin is a pipe.
+
+    One trailing newline from stdin is dropped, as the shell does for ``$(...)``,
+    so ``echo "I like" | llmgen run`` means the prompt "I like"."""
+    if prompt is None and sys.stdin.isatty():
+        raise UsageError("missing PROMPT (give it as an argument, or '-' to read stdin)")
+    if prompt is not None and prompt != "-":
+        # Invalid bytes in argv reach Python as lone surrogates; judge them like stdin's.
+        return _decode(prompt.encode("utf-8", "surrogateescape"), errors, "PROMPT")
+    return _decode(sys.stdin.buffer.read(), errors, "stdin").removesuffix("\n")
+
+
+def _decode(data: bytes, errors: str, source: str) -> str:
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise LlmgenError(f"{source} is not valid UTF-8 (byte {e.start}); --errors replace substitutes U+FFFD") from None
+
+
+def load(model: str | None, device: str, dtype: str):
+    from llmgen.checkpoint import default_model_dir, load_checkpoint
+
+    return load_checkpoint(default_model_dir(model), device=device, dtype=dtype)
+
+
+def check_chat(chat: bool, system: str | None) -> None:
+    """The chat options' combination, checked before any model loads."""
+    if system is not None and not chat:
+        raise UsageError("--system needs --chat")
+
+
+def prompt_ids(ckpt, prompt: str, truncate: str = "none", room: int = 1, chat: bool = False, system: str | None = None) -> list[int]:
+    """Token ids of the prompt; BOS alone for an empty prompt when the model has one.
+
+    With ``chat`` the prompt is first wrapped in the model's chat template. With
+    ``truncate='left'`` a prompt too long for the context keeps its last tokens,
+    leaving ``room`` positions to generate into (at least one)."""
+    from llmgen.decoding.greedy_sample import check_prompt_fits
+
+    check_chat(chat, system)
+    if chat:
+        from llmgen import chat as chats
+
+        prompt = chats.render(ckpt.path, prompt, system)
+    ids = ckpt.encode(prompt)
+    if not ids and ckpt.bos_token_id is not None:
+        ids = [ckpt.bos_token_id]
+    context = ckpt.model.cfg.context_length
+    if truncate == "left" and len(ids) + 1 > context:
+        keep = max(1, context - max(1, min(room, context - 1)))
+        ids = ids[-keep:]
+    try:
+        check_prompt_fits(len(ids), context)
+    except LlmgenError as e:
+        if not ids:
+            raise
+        raise LlmgenError(f"{e} (--truncate left keeps the last tokens that fit)") from None
+    return ids
+
+
+def stop_ids(ckpt, chat: bool) -> tuple[int, ...]:
+    """The model's EOS ids; with ``chat``, its end-of-turn tokens too."""
+    if not chat:
+        return ckpt.eos_token_ids
+    from llmgen.chat import end_of_turn_ids
+
+    return tuple(dict.fromkeys(ckpt.eos_token_ids + end_of_turn_ids(ckpt.tokenizer)))
+
+
+def draw_seed() -> int:
+    """A fresh seed for a sampling run that was given none (it is reported, so the run can be repeated)."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def generation(ckpt, settings: dict[str, Any], record: dict[str, Any] | None = None, *, seed: int | None = None,
+               num_samples: int = 1, stop: tuple[str, ...] = (), ignore_eos: bool = False, chat: bool = False) -> config.GenerationConfig:
+    """The settings resolved once: ``record`` > ``settings`` (flags) > the model's
+    generation_config > llmgen's defaults; a seed drawn if sampling needs one."""
+    values = config.layer(record, settings, ckpt.generation_defaults)
+    sampling = config.SamplingConfig.from_values(values)
+    if seed is None and not sampling.greedy:
+        seed = draw_seed()
+    return config.GenerationConfig(
+        max_new_tokens=values["max_new_tokens"], num_samples=num_samples, stop=stop, ignore_eos=ignore_eos,
+        eos_token_ids=stop_ids(ckpt, chat), seed=seed, sampling=sampling,
+    )
+
+
+# ---------------------------------------------------------------- compare
+
+
+def compare(ckpt, ids: list[int], settings: dict[str, Any], seed: int | None, width: int, max_expansions: int) -> list[dict]:
+    """Greedy, beam, exact and one sample for the same prompt and length, each with its
+    total log-probability under the model. The sample uses the sampling settings
+    (temperature 1 and no top-k when they would make it greedy)."""
+    from llmgen.decoding.beam import BeamConfig, beam_search
+    from llmgen.decoding.exact import ExactConfig, exact_search
+    from llmgen.decoding.greedy_sample import generate
+
+    sampled = generation(ckpt, settings, seed=seed)
+    n, eos = sampled.max_new_tokens, ckpt.eos_token_ids
+    if sampled.sampling.greedy:
+        sampled = replace(sampled, sampling=replace(sampled.sampling, temperature=1.0, top_k=0), seed=sampled.seed or 0)
+    greedy = replace(sampled, sampling=config.SamplingConfig(temperature=0), seed=None)
+    g = generate(ckpt.model, ids, greedy, ckpt.decode)[0]
+    b = beam_search(ckpt.model, ids, BeamConfig(width=width, max_new_tokens=n, length_penalty=0.0, eos_token_ids=eos)).hypotheses[0]
+    e = exact_search(ckpt.model, ids, ExactConfig(max_new_tokens=n, max_expansions=max_expansions, eos_token_ids=eos), ckpt.decode)
+    s = generate(ckpt.model, ids, sampled, ckpt.decode)[0]
+    note = f"optimal, {e.expanded:,} expansions" if e.proven else f"not proven within {max_expansions:,} expansions"
+    rows = [
+        {"strategy": "greedy", "token_ids": g.token_ids, "logprob": g.logprob},
+        {"strategy": f"beam (width {width})", "token_ids": b.token_ids, "logprob": b.logprob},
+        {"strategy": "exact", "token_ids": e.token_ids, "logprob": e.logprob, "note": note},
+        {"strategy": sample_label(sampled.sampling), "token_ids": s.token_ids, "logprob": s.logprob, "note": f"seed {s.seed}"},
+    ]
+    for r in rows:
+        r["text"] = ckpt.decode(r["token_ids"])
+    return rows
+
+
+def sample_label(s: config.SamplingConfig) -> str:
+    return f"sample (T={s.temperature:g}" + (f", k={s.top_k}" if s.top_k else "") + (f", p={s.top_p:g}" if s.top_p < 1 else "") + ")"
+
+
+# ---------------------------------------------------------------- batch jobs
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """What every record of a batch shares, from the command line."""
+
+    settings: dict[str, Any]
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    truncate: str = "none"
+    chat: bool = False
+    system: str | None = None
+
+
+def batch_jobs(ckpt, records, options: BatchOptions, base_seed: int) -> list:
+    """One job per valid record, its settings resolved once; a record that cannot run
+    (bad values, a prompt too long) gets its ``error`` instead."""
+    from llmgen.batch import Job
+
+    jobs = []
+    for rec in records:
+        if rec.error is not None:
+            continue
+        try:
+            gen = generation(
+                ckpt, options.settings, rec.overrides, seed=rec.seed if rec.seed is not None else base_seed + rec.index,
+                stop=options.stop, ignore_eos=options.ignore_eos, chat=options.chat,
+            )
+            ids = prompt_ids(ckpt, rec.prompt, options.truncate, gen.max_new_tokens, options.chat, options.system)
+        except config.SettingError as e:
+            rec.error = e.in_record()
+            continue
+        except LlmgenError as e:
+            rec.error = str(e)
+            continue
+        jobs.append(Job(rec, ids, gen))
+    return jobs
