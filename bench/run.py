@@ -4,8 +4,9 @@
                         [--dtype float32|bfloat16|float16] [--threads 2] [--repeats 5]
                         [--new-tokens 64] [--quick]
 
-Prints one table of medians: decode tokens/s at batch 1 (greedy, EOS ignored), batch
-tokens/s at 16, a beam-4 step against a greedy step, prefill tokens/s for a 512-token
+Prints one table of medians: decode tokens/s at batch 1 (greedy, EOS ignored), the
+same with sampling through the default chain (T=1, nothing else) and the embedded
+model's chain (T=0.8, top-p 0.95), batch tokens/s at 16, a beam-4 step against a greedy step, prefill tokens/s for a 512-token
 prompt, and the machine's measured bandwidth bound for batch-1 decode (weights bytes /
 the bandwidth of a large matrix-vector product in the same dtype) with llmgen's fraction
 of it. On CPU also the embedded model's time to first token from process start, and
@@ -130,16 +131,23 @@ def main() -> None:
     def ours_gen(batch):
         return lambda: generate_batch(ours.model, [Row(PROMPT, None, n)] * batch, greedy, ours.decode)
 
-    def ref_gen(batch, beams=1):
+    def ref_gen(batch, beams=1, **sampling):
         ids = torch.tensor([PROMPT] * batch, device=device)
         return lambda: ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                    do_sample=False, num_beams=beams, pad_token_id=0)
+                                    do_sample=bool(sampling), num_beams=beams, pad_token_id=0, top_k=None, **sampling)
+
+    def ours_sample(**sampling):
+        gen = GenerationConfig(max_new_tokens=n, ignore_eos=True, sampling=SamplingConfig(**sampling))
+        return lambda: generate_batch(ours.model, [Row(PROMPT, 0, n)], gen, ours.decode)
 
     rows = []
     with torch.inference_mode():
         t = alternate({"llmgen": ours_gen(1), "transformers": ref_gen(1)}, args.repeats)
         ours1, ref1 = n / t["llmgen"], n / t["transformers"]
         rows.append(("decode tok/s, batch 1", ours1, ref1))
+        for label, sampling in (("T=1", {"temperature": 1.0}), ("T=0.8, top-p 0.95", {"temperature": 0.8, "top_p": 0.95})):
+            t = alternate({"llmgen": ours_sample(**sampling), "transformers": ref_gen(1, **sampling)}, args.repeats)
+            rows.append((f"sample tok/s, batch 1, {label}", n / t["llmgen"], n / t["transformers"]))
         t = alternate({"llmgen": ours_gen(16), "transformers": ref_gen(16)}, max(1, args.repeats // 2))
         rows.append(("decode tok/s, batch 16", 16 * n / t["llmgen"], 16 * n / t["transformers"]))
 

@@ -117,8 +117,7 @@ def with_settings(*names: str):
 
         @functools.wraps(command)
         def wrapper(*args, **kwargs):
-            settings = {name: kwargs.pop(name) for name in names}
-            settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+            settings = {name: config.normalise(name, kwargs.pop(name)) for name in names}
             config.check_given(settings)
             return command(*args, settings=settings, **kwargs)
 
@@ -369,7 +368,7 @@ def probs(
     ckpt = orch.load(model, device, dtype.value)
     gen = orch.generation(ckpt, settings, seed=seed)
     ids = orch.prompt_ids(ckpt, text, truncate.value, steps)
-    dists = follow(ckpt.model, ids, gen.sampling, steps, gen.seed)
+    dists = follow(ckpt.model, ids, gen.sampling, steps, gen.seed, gen.stop_token_ids, gen.tokens)
     if as_json:
         for d in dists:
             order = sorted(range(len(d.raw)), key=lambda i: -d.raw[i])[:top]

@@ -14,6 +14,7 @@ Sources layer in one place, ``layer``: a batch record's field > the flag > the m
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -34,7 +35,8 @@ class SettingError(UsageError):
 
 
 def flag_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    setting = BY_NAME.get(name)
+    return setting.flag if setting and setting.flag else "--" + name.replace("_", "-")
 
 
 def require(ok: bool, message: str) -> None:
@@ -55,10 +57,68 @@ class Setting:
     help: str
     many: bool = False  # a repeatable flag / a JSON list
     short: str | None = None
+    flag: str | None = None  # when the flag is not --name-with-dashes
 
 
 def _unit(low_open: bool, high_open: bool) -> Callable[[float], bool]:
     return lambda v: (0 < v if low_open else 0 <= v) and (v < 1 if high_open else v <= 1)
+
+
+def _finite(v: float) -> bool:
+    return math.isfinite(v)
+
+
+def _parses(parse: Callable[[str], Any]) -> Callable[[str], bool]:
+    """A range rule for a text setting: ``parse`` accepts it (raises no ValueError)."""
+
+    def ok(text: str) -> bool:
+        try:
+            parse(text)
+        except ValueError:
+            return False
+        return True
+
+    return ok
+
+
+def parse_bias(spec: str) -> tuple[str, float]:
+    """``TOKEN=BIAS`` -> (TOKEN, BIAS). BIAS is a number or ``-inf`` (a ban)."""
+    token, sep, bias = spec.rpartition("=")
+    value = float(bias) if sep and token else math.nan
+    if math.isnan(value) or value == math.inf:
+        raise ValueError(spec)
+    return token, value
+
+
+def _escapes(text: str) -> str:
+    """``\\n``, ``\\t``, ``\\"`` and ``\\\\`` as typed on a command line, as llama.cpp reads them."""
+    return re.sub(r"\\([nt\"\\])", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), text)
+
+
+# Sampler stages that --samplers can order, in the default order (transformers' order,
+# with each llama.cpp-only stage placed next to the neighbour llama.cpp gives it), and
+# the other names users know them by (llama.cpp's, transformers').
+STAGES = ("penalties", "dry", "temperature", "top-n-sigma", "top-k", "top-p", "min-p", "xtc", "typical", "epsilon", "eta")
+STAGE_ALIASES = {
+    "temp": "temperature", "topk": "top-k", "topp": "top-p", "nucleus": "top-p", "minp": "min-p",
+    "typ-p": "typical", "typp": "typical", "typ": "typical", "typical-p": "typical", "topnsigma": "top-n-sigma",
+    "epsilon-cutoff": "epsilon", "eta-cutoff": "eta", "repetition": "penalties",
+}
+
+
+def parse_samplers(text: str) -> tuple[str, ...]:
+    """``--samplers`` as a tuple of canonical stage names; separators ``,`` or ``;``,
+    llama.cpp's ``_`` spellings and any case accepted."""
+    names = []
+    for raw in re.split(r"[,;]", text):
+        name = raw.strip().lower().replace("_", "-")
+        name = STAGE_ALIASES.get(name, name)
+        if name not in STAGES:
+            raise ValueError(f"unknown sampler {raw.strip()!r} (known: {', '.join(STAGES)})")
+        if name in names:
+            raise ValueError(f"{name} is named twice")
+        names.append(name)
+    return tuple(names)
 
 
 # The order here is the order of the help and of the README's table.
@@ -68,7 +128,35 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("top_k", int, 0, "must be >= 0 (0 = off)", lambda v: v >= 0, "Keep the k most probable tokens; 0 = off.", short="-k"),
     Setting("top_p", float, 1.0, "must be in (0, 1]", _unit(True, False), "Nucleus: smallest set with mass >= p; 1 = off.", short="-p"),
     Setting("min_p", float, 0.0, "must be in [0, 1]", _unit(False, False), "Drop tokens below min_p x the top probability; 0 = off."),
+    Setting("typical_p", float, 1.0, "must be in (0, 1]", _unit(True, False), "Locally typical: keep tokens whose surprise is nearest the entropy, up to mass p; 1 = off."),
+    Setting("epsilon_cutoff", float, 0.0, "must be in [0, 1)", _unit(False, True), "Drop tokens with probability below epsilon; 0 = off."),
+    Setting("eta_cutoff", float, 0.0, "must be in [0, 1)", _unit(False, True), "Drop tokens below min(eta, sqrt(eta)·e^-entropy); 0 = off."),
+    Setting("top_n_sigma", float, 0.0, "must be >= 0 (0 = off)", lambda v: v >= 0, "Keep tokens within n standard deviations of the top logit; 0 = off."),
+    Setting("xtc_probability", float, 0.0, "must be in [0, 1]", _unit(False, False), "XTC: chance per step of removing the top choices; 0 = off."),
+    Setting("xtc_threshold", float, 0.1, "must be in [0, 0.5] (above 0.5 no two tokens can pass it)", lambda v: 0 <= v <= 0.5, "XTC: tokens at or above this probability are the top choices."),
+    Setting("dynatemp_range", float, 0.0, "must be >= 0", lambda v: v >= 0, "Dynamic temperature: T moves within T ± range with the entropy; 0 = off."),
+    Setting("dynatemp_exponent", float, 1.0, "must be > 0", lambda v: v > 0, "Dynamic temperature: exponent on the normalised entropy."),
     Setting("repetition_penalty", float, 1.0, "must be > 0", lambda v: v > 0, "> 1 discourages tokens already present; 1 = off."),
+    Setting("presence_penalty", float, 0.0, "must be a finite number", _finite, "Subtract this from the logit of every token present; 0 = off."),
+    Setting("frequency_penalty", float, 0.0, "must be a finite number", _finite, "Subtract this times its count from each present token's logit; 0 = off."),
+    Setting("repeat_last_n", int, -1, "must be >= -1", lambda v: v >= -1, "Window of the three penalties, in tokens; -1 = the whole text, 0 = penalties off."),
+    Setting("dry_multiplier", float, 0.0, "must be >= 0", lambda v: v >= 0, "DRY: penalty scale for extending a repeat; 0 = off."),
+    Setting("dry_base", float, 1.75, "must be >= 1", lambda v: v >= 1, "DRY: the penalty grows as base^(length - allowed length)."),
+    Setting("dry_allowed_length", int, 2, "must be >= 0", lambda v: v >= 0, "DRY: repeats shorter than this are free."),
+    Setting("dry_penalty_last_n", int, -1, "must be >= -1", lambda v: v >= -1, "DRY: how far back repeats are looked for; -1 = the whole text, 0 = off."),
+    Setting("dry_sequence_breakers", str, ("\n", ":", '"', "*"), "must not be empty", bool,
+            "DRY: a repeat never spans this text (repeatable; replaces the default \\n : \" *; 'none' for no breakers).",
+            many=True, flag="--dry-sequence-breaker"),
+    Setting("no_repeat_ngram_size", int, 0, "must be >= 0", lambda v: v >= 0, "Forbid repeating any n-gram of this size; 0 = off."),
+    Setting("min_new_tokens", int, 0, "must be >= 0", lambda v: v >= 0, "No end-of-sequence token before this many new tokens."),
+    Setting("bad_words", str, (), "must not be empty", bool, "Never generate this text (repeatable).", many=True),
+    Setting("logit_bias", str, (), "must look like TOKEN=BIAS, BIAS a number or -inf", _parses(parse_bias),
+            "TOKEN=BIAS: add BIAS to the logit of TOKEN (an id, or a text that is one token); -inf bans it. Repeatable.", many=True),
+    Setting("mirostat", int, 0, "must be 0, 1 or 2", lambda v: v in (0, 1, 2), "Mirostat version (1 or 2), in place of the truncation stages; 0 = off."),
+    Setting("mirostat_tau", float, 5.0, "must be > 0", lambda v: v > 0, "Mirostat: target surprise, in bits per token."),
+    Setting("mirostat_eta", float, 0.1, "must be > 0", lambda v: v > 0, "Mirostat: learning rate of its running threshold."),
+    Setting("samplers", str, None, "must be a list of sampler names", _parses(parse_samplers),
+            f"Order of the sampler stages, e.g. penalties,dry,top-k,min-p,temperature (default: {','.join(STAGES)})."),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -78,12 +166,30 @@ DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
 def check(name: str, value: Any) -> None:
     """Raise ``SettingError`` unless ``value`` is allowed for setting ``name``."""
     setting = BY_NAME[name]
+    if value is None and setting.default is None:
+        return
+    if name == "samplers":  # say which name is wrong
+        try:
+            parse_samplers(value)
+        except ValueError as e:
+            raise SettingError(name, f"has an {e}" if str(e).startswith("unknown") else f"names {e}") from None
     values = value if setting.many else (value,)
     for v in values:
         if setting.kind is float and isinstance(v, float) and math.isnan(v):
             raise SettingError(name, "must be a number, got nan")
         if not setting.ok(v):
             raise SettingError(name, f"{setting.rule}, got {v!r}" if setting.kind is str else f"{setting.rule}, got {v:g}")
+
+
+def normalise(name: str, value: Any) -> Any:
+    """A flag's value as the setting holds it: repeatable flags as tuples, escapes
+    (``\\n``) in DRY's breakers read as llama.cpp reads them, ``none`` for no breakers."""
+    if value is None or not BY_NAME[name].many:
+        return value
+    values = tuple(value)
+    if name == "dry_sequence_breakers":
+        values = () if values == ("none",) else tuple(_escapes(v) for v in values)
+    return values
 
 
 def check_given(values: dict[str, Any]) -> None:
@@ -115,7 +221,31 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    top_n_sigma: float = 0.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_last_n: int = -1
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: tuple[str, ...] = ("\n", ":", '"', "*")
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
+    bad_words: tuple[str, ...] = ()
+    logit_bias: tuple[str, ...] = ()
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    samplers: str | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -123,7 +253,13 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """Argmax decoding: temperature 0 (with no dynamic range) or top-k 1."""
+        return (self.temperature == 0 and self.dynatemp_range == 0) or self.top_k == 1
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        """The orderable stages, in the order they run (``samplers``, else the default)."""
+        return parse_samplers(self.samplers) if self.samplers else STAGES
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> SamplingConfig:
@@ -142,6 +278,7 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    tokens: Any = None  # sampling.TokenRules: the ids behind text-valued settings, once a tokenizer resolved them
 
     def __post_init__(self) -> None:
         check("max_new_tokens", self.max_new_tokens)
@@ -162,6 +299,8 @@ def check_seed(seed: int | None) -> None:
 def from_json(name: str, value: Any) -> Any:
     """A batch record's JSON value for setting ``name``: type-checked, lists as tuples."""
     setting = BY_NAME[name]
+    if name == "logit_bias" and isinstance(value, dict):  # {"TOKEN": BIAS}, BIAS a number or "-inf"
+        value = [f"{token}={bias}" for token, bias in value.items()]
     if setting.many and not isinstance(value, list):
         raise SettingError(name, "must be a list")
     items = value if setting.many else [value]

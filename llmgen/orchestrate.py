@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from llmgen import config
@@ -96,13 +96,15 @@ def generation(ckpt, settings: dict[str, Any], record: dict[str, Any] | None = N
                num_samples: int = 1, stop: tuple[str, ...] = (), ignore_eos: bool = False, chat: bool = False) -> config.GenerationConfig:
     """The settings resolved once: ``record`` > ``settings`` (flags) > the model's
     generation_config > llmgen's defaults; a seed drawn if sampling needs one."""
+    from llmgen.sampling import resolve_tokens
+
     values = config.layer(record, settings, ckpt.generation_defaults)
     sampling = config.SamplingConfig.from_values(values)
     if seed is None and not sampling.greedy:
         seed = draw_seed()
     return config.GenerationConfig(
         max_new_tokens=values["max_new_tokens"], num_samples=num_samples, stop=stop, ignore_eos=ignore_eos,
-        eos_token_ids=stop_ids(ckpt, chat), seed=seed, sampling=sampling,
+        eos_token_ids=stop_ids(ckpt, chat), seed=seed, sampling=sampling, tokens=resolve_tokens(sampling, ckpt.vocabulary),
     )
 
 
@@ -139,7 +141,13 @@ def compare(ckpt, ids: list[int], settings: dict[str, Any], seed: int | None, wi
 
 
 def sample_label(s: config.SamplingConfig) -> str:
-    return f"sample (T={s.temperature:g}" + (f", k={s.top_k}" if s.top_k else "") + (f", p={s.top_p:g}" if s.top_p < 1 else "") + ")"
+    """``sample (T=0.8, k=40, p=0.95)``, plus every other setting that is not at its default."""
+    parts = [f"T={s.temperature:g}"] + [f"k={s.top_k}"] * bool(s.top_k) + [f"p={s.top_p:g}"] * (s.top_p < 1)
+    for f in fields(s):
+        value = getattr(s, f.name)
+        if f.name not in ("temperature", "top_k", "top_p") and value != config.DEFAULTS[f.name]:
+            parts.append(f"{f.name}={','.join(map(str, value)) if isinstance(value, tuple) else value}")
+    return f"sample ({', '.join(parts)})"
 
 
 # ---------------------------------------------------------------- batch jobs

@@ -204,8 +204,7 @@ def distribution_table(dist, token_text, top: int, title: str) -> Table:
     table.add_column("", min_width=20)
     table.add_column("after T", justify="right")
     table.add_column("final p", justify="right")
-    table.add_column("changed by")
-    table.add_column("removed by")
+    table.add_column("stages", overflow="fold")
     order = sorted(range(len(dist.raw)), key=lambda i: -dist.raw[i])[:top]
     for rank, tok in enumerate(order, 1):
         chosen = tok == dist.chosen
@@ -218,13 +217,18 @@ def distribution_table(dist, token_text, top: int, title: str) -> Table:
             Text("█" * max(0, round(dist.raw[tok] * 20)), style="cyan"),
             f"{dist.tempered[tok]:.4f}",
             f"{dist.final[tok]:.4f}" if dist.final[tok] > 0 else "—",
-            ", ".join(dist.changed_by.get(tok, [])),
-            dist.removed_by[tok] or "",
+            _stage_note(dist.changed_by.get(tok, []), dist.removed_by[tok]),
             style=style,
         )
     kept = sum(1 for p in dist.final if p > 0)
     table.caption = f"{kept} of {len(dist.raw)} tokens can be drawn · samplers: {' → '.join(dist.order)}"
     return table
+
+
+def _stage_note(changed: list[str], removed: str | None) -> str:
+    """What the sampler stages did to one token: the ones that moved it, then the one
+    that removed it (✗)."""
+    return "; ".join([", ".join(changed)] * bool(changed) + [f"✗ {removed}"] * bool(removed))
 
 
 def step_table(sample, token_text) -> Table:

@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from checkpoints import build_gpt2, train_tokenizer  # noqa: E402
+from checkpoints import build_gpt2, build_six_word_model, train_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +25,11 @@ def ckpt(gpt2_dir):
     from llmgen.checkpoint import load_checkpoint
 
     return load_checkpoint(gpt2_dir[0], device="cpu")
+
+
+@pytest.fixture(scope="session")
+def six_dir(tmp_path_factory):
+    """The six-word GPT-2 (every continuation can be enumerated), as a model directory path."""
+    path = tmp_path_factory.mktemp("six")
+    build_six_word_model(path)
+    return str(path)

@@ -15,11 +15,14 @@ NUMBERS = st.one_of(
     st.floats(-3, 3).map(repr),
     st.sampled_from(["0", "1", "nan", "inf", "-inf", "abc", "", "1e9", "0.5"]),
 )
+SAMPLERS = ["--typical-p", "--epsilon-cutoff", "--eta-cutoff", "--top-n-sigma", "--xtc-probability", "--xtc-threshold",
+            "--dynatemp-range", "--presence-penalty", "--repeat-last-n", "--dry-multiplier", "--dry-sequence-breaker",
+            "--min-new-tokens", "--no-repeat-ngram-size", "--bad-words", "--logit-bias", "--mirostat", "--samplers"]
 FLAGS = {
-    "run": ["-n", "-t", "-k", "-p", "--min-p", "--repetition-penalty", "--seed", "--num-samples", "--stop", "--truncate", "--errors"],
+    "run": ["-n", "-t", "-k", "-p", "--min-p", "--repetition-penalty", "--seed", "--num-samples", "--stop", "--truncate", "--errors", *SAMPLERS],
     "beam": ["-w", "-n", "--length-penalty", "--num-return", "--no-repeat-ngram-size", "--tree-top", "--truncate"],
     "exact": ["-n", "--max-expansions", "--tree-top", "--truncate"],
-    "probs": ["--steps", "--top", "-t", "-k", "-p", "--min-p", "--seed"],
+    "probs": ["--steps", "--top", "-t", "-k", "-p", "--min-p", "--seed", *SAMPLERS],
     "compare": ["-n", "-w", "-t", "-k", "-p", "--seed", "--max-expansions"],
     "score": ["--errors"],
 }
@@ -33,7 +36,7 @@ def invocations(draw):
     cmd = draw(st.sampled_from(sorted(FLAGS)))
     argv = [cmd]
     for flag in draw(st.lists(st.sampled_from(FLAGS[cmd]), max_size=4, unique=True)):
-        value = draw(st.one_of(NUMBERS, st.sampled_from(["none", "left", "strict", "replace"]), TEXT))
+        value = draw(st.one_of(NUMBERS, st.sampled_from(["none", "left", "strict", "replace", "top-k,xtc", "coffee=-inf", "5=2"]), TEXT))
         argv += [flag, value]
     argv += draw(st.lists(st.sampled_from(SWITCHES[cmd]), max_size=2, unique=True))
     stdin = b""

@@ -10,17 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints import build_six_word_model
 from llmgen.cli import main
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
-
-
-@pytest.fixture(scope="module")
-def six_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("six")
-    build_six_word_model(path)
-    return str(path)
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import torch
 from checkpoints import build_six_word_model
 from llmgen.checkpoint import load_checkpoint
 from llmgen.config import GenerationConfig, SamplingConfig
-from llmgen.decoding.beam import BeamConfig, banned_by_ngrams, beam_search
+from llmgen.decoding.beam import BeamConfig, beam_search
+from llmgen.sampling.constraints import banned_by_ngrams
 from llmgen.decoding.exact import ExactConfig, exact_search
 from llmgen.decoding.greedy_sample import generate
 from llmgen.errors import UsageError

@@ -25,6 +25,7 @@ import torch
 from llmgen.config import require
 from llmgen.decoding.greedy_sample import check_prompt_fits
 from llmgen.decoding.trace import SearchTree
+from llmgen.sampling.constraints import banned_by_ngrams
 
 NEG = -1.0e9  # transformers' "impossible" score; keeps ties and arithmetic identical to it
 
@@ -66,14 +67,6 @@ class BeamResult:
     hypotheses: list[Hypothesis]  # best first, ``num_return`` of them
     tree: SearchTree = field(default_factory=SearchTree)
     steps: int = 0
-
-
-def banned_by_ngrams(sequence: list[int], n: int) -> set[int]:
-    """Tokens that would repeat an n-gram already in ``sequence`` (prompt included)."""
-    if n <= 0 or len(sequence) < n:
-        return set()
-    prefix = tuple(sequence[len(sequence) - n + 1 :])
-    return {sequence[i + n - 1] for i in range(len(sequence) - n + 1) if tuple(sequence[i : i + n - 1]) == prefix}
 
 
 @dataclass

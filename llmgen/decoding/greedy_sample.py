@@ -88,7 +88,8 @@ def generate_batch(
 
     greedy = gen.sampling.greedy
     sampler = build_sampler(
-        gen.sampling, [r.prompt_ids for r in rows], [None if greedy else r.seed for r in rows], model.cfg.vocab_size, device
+        gen.sampling, [r.prompt_ids for r in rows], [None if greedy else r.seed for r in rows], model.cfg.vocab_size, device,
+        gen.stop_token_ids, gen.tokens,
     )
     samples = [Sample(seed=None if greedy else r.seed) for r in rows]
     texts = [ContinuationText(decode, gen.stop) for _ in rows]

@@ -35,12 +35,15 @@ def follow(
     steps: int,
     seed: int | None,
     eos_token_ids: tuple[int, ...] = (),
+    tokens=None,
 ) -> list[StepDistribution]:
+    """``steps`` explained steps after ``prompt_ids``; ``eos_token_ids`` and ``tokens`` as
+    for ``sampling.build_sampler``."""
     check_prompt_fits(len(prompt_ids), model.cfg.context_length)
     steps = min(steps, model.cfg.context_length - len(prompt_ids))
     device = next(model.parameters()).device
     seed = None if cfg.greedy else (seed or 0)
-    sampler = build_sampler(cfg, [prompt_ids], [seed], model.cfg.vocab_size, device)
+    sampler = build_sampler(cfg, [prompt_ids], [seed], model.cfg.vocab_size, device, eos_token_ids, tokens)
     cache = model.new_cache(1, len(prompt_ids) + steps)
     logits = model(torch.tensor([prompt_ids], device=device), None, cache)[:, -1].float()
     out = []

@@ -17,14 +17,17 @@ from dataclasses import dataclass, field
 import torch
 
 from llmgen.config import SamplingConfig
+from llmgen.sampling.constraints import BadWords, LogitBias, MinNewTokens, NoRepeatNGram
+from llmgen.sampling.dry import DRY
 from llmgen.sampling.penalties import Penalties
 from llmgen.sampling.stage import Rows, Stage, Terminal
 from llmgen.sampling.temperature import Temperature
-from llmgen.sampling.terminal import Draw, Greedy
-from llmgen.sampling.truncation import MinP, TopK, TopP
+from llmgen.sampling.terminal import Draw, Greedy, Mirostat
+from llmgen.sampling.tokens import TokenRules
+from llmgen.sampling.truncation import XTC, Epsilon, Eta, MinP, TopK, TopNSigma, TopP, Typical
 
-# transformers' order: penalties -> temperature -> top-k -> top-p -> min-p.
-DEFAULT_ORDER: tuple[str, ...] = ("penalties", "temperature", "top-k", "top-p", "min-p")
+# Constraints on which tokens may come next: they always run first, in this order.
+CONSTRAINTS: tuple[str, ...] = ("logit-bias", "no-repeat-ngram", "bad-words", "min-new-tokens")
 
 
 @dataclass(frozen=True)
@@ -34,15 +37,48 @@ class Context:
     cfg: SamplingConfig
     rows: Rows
     vocab_size: int
+    eos: tuple[int, ...]
+    tokens: TokenRules
+
+
+def _penalties(c: Context) -> Stage | None:
+    cfg = c.cfg
+    if (cfg.repetition_penalty == 1.0 and not cfg.presence_penalty and not cfg.frequency_penalty) or cfg.repeat_last_n == 0:
+        return None
+    return Penalties(c.rows, c.vocab_size, cfg.repetition_penalty, cfg.frequency_penalty, cfg.presence_penalty, cfg.repeat_last_n)
+
+
+def _dry(c: Context) -> Stage | None:
+    cfg = c.cfg
+    if cfg.dry_multiplier == 0 or cfg.dry_penalty_last_n == 0:
+        return None
+    return DRY(c.rows, cfg.dry_multiplier, cfg.dry_base, cfg.dry_allowed_length, cfg.dry_penalty_last_n, c.tokens.dry_breakers)
+
+
+def _temperature(c: Context) -> Stage | None:
+    cfg = c.cfg
+    if cfg.temperature == 1.0 and cfg.dynatemp_range == 0 or cfg.temperature == 0 and cfg.dynatemp_range == 0:
+        return None
+    return Temperature(cfg.temperature, cfg.dynatemp_range, cfg.dynatemp_exponent)
 
 
 # name -> the stage for this config, or None when its setting leaves it off.
 FACTORIES: dict[str, Callable[[Context], Stage | None]] = {
-    "penalties": lambda c: Penalties(c.rows, c.vocab_size, c.cfg.repetition_penalty) if c.cfg.repetition_penalty != 1.0 else None,
-    "temperature": lambda c: Temperature(c.cfg.temperature) if c.cfg.temperature not in (0.0, 1.0) else None,
+    "logit-bias": lambda c: LogitBias(c.tokens.logit_bias, c.vocab_size, c.rows.device) if c.tokens.logit_bias else None,
+    "no-repeat-ngram": lambda c: NoRepeatNGram(c.rows, c.cfg.no_repeat_ngram_size) if c.cfg.no_repeat_ngram_size else None,
+    "bad-words": lambda c: BadWords(c.rows, list(c.tokens.bad_words), c.eos) if c.tokens.bad_words else None,
+    "min-new-tokens": lambda c: MinNewTokens(c.rows, c.cfg.min_new_tokens, c.eos) if c.cfg.min_new_tokens and c.eos else None,
+    "penalties": _penalties,
+    "dry": _dry,
+    "temperature": _temperature,
+    "top-n-sigma": lambda c: TopNSigma(c.cfg.top_n_sigma) if c.cfg.top_n_sigma > 0 else None,
     "top-k": lambda c: TopK(c.cfg.top_k) if c.cfg.top_k > 0 else None,
     "top-p": lambda c: TopP(c.cfg.top_p) if c.cfg.top_p < 1.0 else None,
     "min-p": lambda c: MinP(c.cfg.min_p) if c.cfg.min_p > 0.0 else None,
+    "xtc": lambda c: XTC(c.rows, c.cfg.xtc_probability, c.cfg.xtc_threshold) if c.cfg.xtc_probability > 0 else None,
+    "typical": lambda c: Typical(c.cfg.typical_p) if c.cfg.typical_p < 1.0 else None,
+    "epsilon": lambda c: Epsilon(c.cfg.epsilon_cutoff) if c.cfg.epsilon_cutoff > 0 else None,
+    "eta": lambda c: Eta(c.cfg.eta_cutoff) if c.cfg.eta_cutoff > 0 else None,
 }
 
 
@@ -141,12 +177,27 @@ def build_sampler(
     seeds: list[int | None],
     vocab_size: int,
     device: torch.device | str = "cpu",
+    eos: tuple[int, ...] = (),
+    tokens: TokenRules | None = None,
 ) -> Sampler:
     """The chain for ``cfg`` over these rows (prompt ids and seed each; seeds may be None
-    when greedy)."""
+    when greedy). ``eos`` are the ids ``min_new_tokens`` holds back; ``tokens`` the ids
+    behind the text-valued settings (``sampling.tokens.resolve_tokens``).
+
+    Order: the constraints, then ``cfg.order``. Greedy keeps only the stages that are
+    not warpers and ends in ``Greedy``; mirostat drops the truncation stages and ends in
+    ``Mirostat`` (as llama.cpp does); otherwise the chain ends in a seeded ``Draw``.
+    """
+    if tokens is None:
+        if cfg.logit_bias or cfg.bad_words or cfg.dry_multiplier > 0:
+            raise ValueError("this config names tokens by text: resolve them first (sampling.tokens.resolve_tokens)")
+        tokens = TokenRules()
     rows = Rows(prompts, seeds, device)
-    context = Context(cfg, rows, vocab_size)
-    stages = [s for s in (FACTORIES[name](context) for name in DEFAULT_ORDER) if s is not None]
+    context = Context(cfg, rows, vocab_size, tuple(eos), tokens)
+    stages = [s for s in (FACTORIES[name](context) for name in CONSTRAINTS + cfg.order) if s is not None]
     if cfg.greedy:
         return Sampler(rows, [s for s in stages if not s.warper], Greedy())
+    if cfg.mirostat:
+        kept = [s for s in stages if not s.truncates]
+        return Sampler(rows, kept, Mirostat(rows, cfg.mirostat, cfg.mirostat_tau, cfg.mirostat_eta, vocab_size))
     return Sampler(rows, stages, Draw(rows))

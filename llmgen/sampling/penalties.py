@@ -27,7 +27,7 @@ class Penalties(Stage):
         self.last_n = last_n  # -1: the whole text
         self.counts = torch.zeros(len(rows), vocab, device=rows.device)  # (rows, vocab) occurrences in the window
         for row, history in enumerate(rows.history):
-            window = history if last_n < 0 else history[len(history) - last_n :] if last_n else []
+            window = history if last_n < 0 else history[max(0, len(history) - last_n) :] if last_n else []
             if window:
                 self.counts[row].index_add_(0, torch.tensor(window, device=rows.device), torch.ones(len(window), device=rows.device))
 

@@ -6,6 +6,8 @@ decode loop has an "if greedy" branch, and the draw owns its generators.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from llmgen.sampling.stage import Rows, Terminal
@@ -41,3 +43,67 @@ class Draw(Terminal):
     def keep(self, rows: list[int]) -> None:
         self.generators = [self.generators[r] for r in rows]
 
+
+class Mirostat(Terminal):
+    """Mirostat (Basu et al.), as llama.cpp: aim for a target surprise ``tau`` (in bits)
+    per token. Each row keeps ``mu``, starting at 2·tau; a step truncates the
+    distribution by ``mu``, draws, and moves ``mu`` by ``eta`` times the gap between the
+    drawn token's surprise (under the truncated, renormalised distribution) and tau.
+
+    Version 2 keeps the tokens whose surprise is at most ``mu``. Version 1 estimates the
+    Zipf exponent ŝ from the top 100 probabilities and keeps the top
+    k = ((ŝ-1)·2^mu / (1 - V^(1-ŝ)))^(1/ŝ) tokens, V the vocabulary size.
+    """
+
+    name = "mirostat"
+
+    def __init__(self, rows: Rows, version: int, tau: float, eta: float, vocab_size: int) -> None:
+        self.version, self.tau, self.eta, self.vocab_size = version, tau, eta, vocab_size
+        self.mu = [2.0 * tau] * len(rows)
+        self.generators = rows.generators()
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self._truncated(row, mu) for row, mu in zip(logits, self.mu)])
+
+    def _truncated(self, logits: torch.Tensor, mu: float) -> torch.Tensor:  # (vocab,)
+        probs = torch.softmax(logits, dim=-1)
+        order = torch.sort(probs, descending=True, stable=True).indices
+        if self.version == 2:
+            keep = int((-torch.log2(probs[order]) <= mu).sum())
+        else:
+            keep = self._zipf_k(probs[order], mu)
+        kept = torch.zeros_like(probs)
+        top = order[: max(1, keep)]
+        kept[top] = probs[top]
+        return kept / kept.sum()
+
+    def _zipf_k(self, sorted_probs: torch.Tensor, mu: float) -> int:
+        p = sorted_probs[sorted_probs > 0][:100].double()
+        if len(p) < 2:
+            return 1
+        i = torch.arange(len(p) - 1, dtype=torch.float64)
+        t = torch.log((i + 2) / (i + 1))
+        b = torch.log(p[:-1] / p[1:])
+        s_hat = float((t * b).sum() / (t * t).sum())
+        eps = s_hat - 1
+        try:
+            k = (eps * 2.0**mu / (1 - self.vocab_size ** (-eps))) ** (1 / s_hat)
+        except ZeroDivisionError:  # ŝ = 1: llama.cpp computes 0/0 and keeps one token
+            return 1
+        except OverflowError:
+            return len(sorted_probs)
+        if isinstance(k, complex) or math.isnan(k):
+            return 1
+        return int(min(k, len(sorted_probs)))
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        dist = self.distribution(logits)
+        tokens = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(dist, self.generators)])
+        for row, token in enumerate(tokens.tolist()):
+            surprise = -math.log2(float(dist[row, token]))
+            self.mu[row] -= self.eta * (surprise - self.tau)
+        return tokens
+
+    def keep(self, rows: list[int]) -> None:
+        self.mu = [self.mu[r] for r in rows]
+        self.generators = [self.generators[r] for r in rows]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from llmgen.sampling.stage import NEG_INF, Stage, keep_sorted, stable_order
+from llmgen.sampling.stage import NEG_INF, Rows, Stage, keep_sorted, stable_order
 
 
 class Truncation(Stage):
@@ -65,3 +65,119 @@ class MinP(Truncation):
         threshold = self.min_p * probs.max(dim=-1, keepdim=True).values
         return logits.masked_fill(probs < threshold, NEG_INF)
 
+
+class Typical(Truncation):
+    """Locally typical sampling (Meister et al.), as transformers' ``TypicalLogitsWarper``:
+    rank tokens by how close their surprise -log p is to the entropy, keep the closest
+    until their mass reaches p, and keep every token tied with the last one kept."""
+
+    name = "typical"
+
+    def __init__(self, mass: float) -> None:
+        self.mass = mass
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits, dim=-1)
+        entropy = -(logp * logp.exp()).nansum(-1, keepdim=True)
+        distance = (-logp - entropy).abs()
+        sorted_distance, order = torch.sort(distance, dim=-1, stable=True)
+        mass = torch.softmax(logits.gather(-1, order), dim=-1).cumsum(-1)
+        last = (mass < self.mass).sum(-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+        keep = sorted_distance <= sorted_distance.gather(-1, last)
+        keep[..., 0] = True
+        return keep_sorted(logits, order, keep)
+
+
+class Epsilon(Truncation):
+    """Epsilon sampling (Hewitt et al.), as transformers' ``EpsilonLogitsWarper``: drop
+    tokens whose probability is below ``epsilon``, always keeping the most probable."""
+
+    name = "epsilon"
+
+    def __init__(self, epsilon: float) -> None:
+        self.epsilon = epsilon
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits, dim=-1)
+        return _drop_below(logits, probs < self.epsilon)
+
+
+class Eta(Truncation):
+    """Eta sampling (Hewitt et al.), as transformers' ``EtaLogitsWarper``: the cutoff is
+    ``min(eta, sqrt(eta) * exp(-entropy))``, so it loosens as the model grows unsure."""
+
+    name = "eta"
+
+    def __init__(self, eta: float) -> None:
+        self.eta = eta
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits, dim=-1)
+        probs = logp.exp()
+        entropy = -(probs * logp).nansum(-1, keepdim=True)
+        cutoff = torch.clamp(self.eta**0.5 * torch.exp(-entropy), max=self.eta)
+        return _drop_below(logits, probs < cutoff)
+
+
+def _drop_below(logits: torch.Tensor, below: torch.Tensor) -> torch.Tensor:
+    """Mask the ``below`` tokens, except each row's most probable one."""
+    top = logits.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(below & (logits < top), NEG_INF)
+
+
+class TopNSigma(Truncation):
+    """Top-n-sigma (Tang et al.), as llama.cpp: keep tokens whose logit is within n
+    standard deviations of the largest. The mean and population deviation are over the
+    tokens still in play, so the kept set does not depend on temperature."""
+
+    name = "top-n-sigma"
+
+    def __init__(self, n: float) -> None:
+        self.n = n
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        live = torch.isfinite(logits)
+        count = live.sum(-1, keepdim=True).clamp(min=1)
+        values = torch.where(live, logits, torch.zeros_like(logits))
+        mean = values.sum(-1, keepdim=True) / count
+        std = (torch.where(live, logits - mean, torch.zeros_like(logits)) ** 2).sum(-1, keepdim=True).div(count).sqrt()
+        top = logits.max(dim=-1, keepdim=True).values
+        return logits.masked_fill(logits < top - self.n * std, NEG_INF)
+
+
+class XTC(Truncation):
+    """Exclude Top Choices, as llama.cpp: with probability ``probability`` per step,
+    remove every token at or above ``threshold`` except the least probable of them, so
+    the text leaves its most predictable path while staying coherent. It needs at least
+    two tokens above the threshold to act.
+
+    Each row draws one uniform number per step (when two or more tokens are in play)
+    from its own generator, seeded from the row's seed but apart from the draw's."""
+
+    name = "xtc"
+
+    def __init__(self, rows: Rows, probability: float, threshold: float) -> None:
+        self.probability, self.threshold = probability, threshold
+        self.generators = rows.generators(salt=XTC_SALT)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits, dim=-1)
+        live = torch.isfinite(logits).sum(-1).tolist()
+        fire = [n >= 2 and torch.rand(1, generator=g, device=g.device).item() <= self.probability for n, g in zip(live, self.generators)]
+        if not any(fire):
+            return logits
+        above = probs >= self.threshold
+        # The least probable token above the threshold survives; it is the last in stable descending order.
+        order = stable_order(logits)
+        above_sorted = above.gather(-1, order)
+        count = above_sorted.sum(-1, keepdim=True)
+        rank = torch.arange(logits.shape[-1], device=logits.device).expand_as(order)
+        remove_sorted = above_sorted & (rank < count - 1) & (count >= 2)
+        remove_sorted &= torch.tensor(fire, device=logits.device)[:, None]
+        return keep_sorted(logits, order, ~remove_sorted)
+
+    def keep(self, rows: list[int]) -> None:
+        self.generators = [self.generators[r] for r in rows]
+
+
+XTC_SALT = 0x58544321  # "XTC!": XTC's generator must not replay the draw's stream
