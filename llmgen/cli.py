@@ -90,14 +90,14 @@ TreeTopOpt = Annotated[int, typer.Option("--tree-top", help="Pruned candidates d
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this string appears (repeatable); it is cut from the text.")]
 IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-sequence token.")]
 
-SAMPLING_PANEL = "Sampling (each defaults to the model's generation_config.json, else the value shown)"
+SAMPLING_PANEL = "Sampling: the flag, else the model's generation_config.json, else the default shown"
 
 
 def _setting_option(setting: config.Setting):
     """The Typer option for one setting of ``config.SETTINGS``: its flag is the field's name."""
     names = [config.flag_name(setting.name)] + ([setting.short] if setting.short else [])
     kind = list[setting.kind] if setting.many else setting.kind
-    default = "" if setting.many or setting.default is None else f" [default: {setting.default}]"
+    default = "" if setting.many or setting.default is None else f" Default: {setting.default:g}."
     return Annotated[Optional[kind], typer.Option(*names, help=setting.help + default, rich_help_panel=SAMPLING_PANEL, show_default=False)]
 
 
@@ -385,7 +385,7 @@ def probs(
     out = render.stdout_console()
     context = text
     for d in dists:
-        out.print(render.distribution_table(d, ckpt.token_text, top, f"after {render.token_label(context[-60:])}"))
+        out.print(render.distribution_table(d, ckpt.token_text, top, f"after {render.token_label(context[-60:])}", out.width))
         context += ckpt.token_text(d.chosen)
 
 

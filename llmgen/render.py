@@ -194,17 +194,20 @@ def search_tree(tree, token_text, prompt: str, title: str, top: int | None = Non
     return root
 
 
-def distribution_table(dist, token_text, top: int, title: str) -> Table:
-    """Top tokens by model probability: raw, after temperature, after filters, and what removed them."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("#", justify="right", style="dim")
-    table.add_column("token")
-    table.add_column("id", justify="right", style="dim")
-    table.add_column("model p", justify="right")
-    table.add_column("", min_width=20)
-    table.add_column("after T", justify="right")
-    table.add_column("final p", justify="right")
-    table.add_column("stages", overflow="fold")
+def distribution_table(dist, token_text, top: int, title: str, width: int | None = None) -> Table:
+    """Top tokens by model probability: raw, after temperature, after the sampler stages,
+    and what each stage did to them. Below 72 columns of ``width`` the bars are left out."""
+    bars = width is None or width >= 72
+    table = Table(title=title, title_justify="left", caption_justify="left")
+    table.add_column("#", justify="right", style="dim", no_wrap=True)
+    table.add_column("token", min_width=6)
+    table.add_column("id", justify="right", style="dim", no_wrap=True)
+    table.add_column("model p", justify="right", min_width=6)
+    if bars:
+        table.add_column("", min_width=10)
+    table.add_column("after T", justify="right", min_width=6)
+    table.add_column("final p", justify="right", min_width=6)
+    table.add_column("stages", overflow="fold", min_width=7)
     order = sorted(range(len(dist.raw)), key=lambda i: -dist.raw[i])[:top]
     for rank, tok in enumerate(order, 1):
         chosen = tok == dist.chosen
@@ -214,7 +217,7 @@ def distribution_table(dist, token_text, top: int, title: str) -> Table:
             token_label(token_text(tok)) + (" ◀" if chosen else ""),
             str(tok),
             f"{dist.raw[tok]:.4f}",
-            Text("█" * max(0, round(dist.raw[tok] * 20)), style="cyan"),
+            *[Text(_bar(dist.raw[tok], 10), style="cyan")] * bars,
             f"{dist.tempered[tok]:.4f}",
             f"{dist.final[tok]:.4f}" if dist.final[tok] > 0 else "—",
             _stage_note(dist.changed_by.get(tok, []), dist.removed_by[tok]),
@@ -223,6 +226,12 @@ def distribution_table(dist, token_text, top: int, title: str) -> Table:
     kept = sum(1 for p in dist.final if p > 0)
     table.caption = f"{kept} of {len(dist.raw)} tokens can be drawn · samplers: {' → '.join(dist.order)}"
     return table
+
+
+def _bar(p: float, cells: int) -> str:
+    """A horizontal bar of ``p * cells`` cells, in eighths of a cell."""
+    eighths = max(0, round(p * cells * 8))
+    return "█" * (eighths // 8) + " ▏▎▍▌▋▊▉"[eighths % 8].strip()
 
 
 def _stage_note(changed: list[str], removed: str | None) -> str:

@@ -31,3 +31,8 @@ def test_batch_throughput_runs(tmp_path):
     out = _run(tmp_path, str(BENCH / "batch_throughput.py"), "--shape", "gpt2-tiny", "--repeats", "1",
                "--new-tokens", "2", "--sizes", "1,4")
     assert out.splitlines()[-1].split()[0] == "4"
+
+
+def test_sampler_bench_runs(tmp_path):
+    out = _run(tmp_path, str(BENCH / "sampler.py"), "--vocab", "300", "--rows", "1,2", "--steps", "2", "--repeats", "1")
+    assert "mirostat 2" in out and "draw (the default chain, T=1)" in out

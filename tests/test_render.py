@@ -98,3 +98,25 @@ def test_compare_shows_greedy_is_not_optimal(cli):
     out = cli("compare", "I like", "-n", "3", "-w", "2", "--seed", "1")
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.startswith("│ ") and line.split("│")[1].strip()}
     assert "-2.441" in rows["greedy"] and "-2.097" in rows["beam (width 2)"] and "-1.997" in rows["exact"]
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_probs_table_at_several_widths(width):
+    """Every probability stays whole and every stage name readable; narrow, the bars give way."""
+    from rich.console import Console
+
+    from llmgen.decoding.probs import StepDistribution
+    from llmgen.render import distribution_table
+
+    raw = [0.5, 0.25, 0.15, 0.1]
+    dist = StepDistribution(0, raw, [0.6, 0.3, 0.05, 0.05], [0.0, 0.8571, 0.1429, 0.0], ["xtc", None, None, "top-k"], 1,
+                            ["logit-bias", "temperature", "top-k", "xtc", "draw"], {2: ["logit-bias"]})
+    console = Console(width=width, record=True, color_system=None)
+    console.print(distribution_table(dist, lambda t: f" word{t}", 4, "after x", width))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= width
+    for number in ("0.5000", "0.2500", "0.8571", "0.1429", "0.6000"):
+        assert number in text
+    assert "✗ xtc" in text and "✗ top-k" in text and "logit-bias" in text.replace("\n", "")
+    assert "samplers: logit-bias → temperature → top-k → xtc → draw" in " ".join(text.split())
+    assert ("█" in text) == (width >= 72)

@@ -187,3 +187,10 @@ def test_draws_follow_the_chains_distribution(cfg):
     support = target > 0
     assert counts[~support].sum() == 0 and support.sum() >= 2
     assert chi_square_p_value(counts[support], target[support] * n) > 1e-3
+
+
+def test_banning_every_token_is_an_error_not_a_crash(capsys, six_dir):
+    bans = [f"--logit-bias={i}=-inf" for i in range(7)]
+    code = main(["run", "I like", "--model", six_dir, "-n", "2", *bans])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "every token is banned" in err, err

@@ -122,6 +122,12 @@ def test_xtc_removes_all_top_choices_but_the_least_probable(threshold, kept):
     assert torch.nonzero(torch.isfinite(out[0])).flatten().tolist() == kept
 
 
+def test_xtc_ties_keep_the_last_in_id_order():
+    """Equal probabilities rank by id (lower first), so of tied top choices the highest id survives."""
+    out = xtc(0.2).apply(torch.tensor([[0.3, 0.3, 0.3, 0.1]]).log())
+    assert torch.nonzero(torch.isfinite(out[0])).flatten().tolist() == [2, 3]
+
+
 def test_xtc_fires_with_its_probability():
     logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]] * 400).log()
     stage = xtc(0.15, probability=0.3, seeds=range(400))

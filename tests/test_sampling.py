@@ -192,3 +192,19 @@ def test_greedy_distribution_is_one_hot():
     dist = sampling_distribution(logits, SamplingConfig(temperature=0))
     assert torch.equal(dist.argmax(-1), logits.argmax(-1))
     assert math.isclose(float(dist.sum()), 4.0)
+
+
+def test_top_k_equals_the_first_k_of_a_stable_sort():
+    """Top-k avoids sorting the vocabulary; it must keep exactly what a stable sort keeps,
+    ties at the k-th logit by lowest id, also with many ties and -inf already present."""
+    gen = torch.Generator().manual_seed(9)
+    for trial in range(40):
+        logits = torch.randn(3, 700, generator=gen) * 2
+        if trial % 2:
+            logits = torch.round(logits * 2) / 2
+        if trial % 5 == 0:
+            logits[:, ::3] = -INF
+        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+        for k in (1, 3, 40, 300):
+            expected = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order[:, :k], True)
+            assert torch.equal(torch.isfinite(top_k_filter(logits, k)), expected & torch.isfinite(logits))

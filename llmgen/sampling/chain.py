@@ -3,7 +3,7 @@
 ``build_sampler`` turns a ``SamplingConfig`` into stages in the documented order,
 leaving out every stage whose setting is neutral (so the default chain is just the
 draw). Greedy decoding keeps the stages that change what the model prefers and ends
-in ``Greedy``; sampling keeps them all and ends in a seeded ``Draw``.
+in ``Greedy``; sampling keeps them all and ends in a seeded ``Draw`` (or ``Mirostat``).
 
 A decode loop only ever calls ``choose`` (or ``explain``, which chooses too and says
 what each stage did), ``accept`` and ``keep``.
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmgen.config import SamplingConfig
+from llmgen.errors import LlmgenError
 from llmgen.sampling.constraints import BadWords, LogitBias, MinNewTokens, NoRepeatNGram
 from llmgen.sampling.dry import DRY
 from llmgen.sampling.penalties import Penalties
@@ -57,7 +58,7 @@ def _dry(c: Context) -> Stage | None:
 
 def _temperature(c: Context) -> Stage | None:
     cfg = c.cfg
-    if cfg.temperature == 1.0 and cfg.dynatemp_range == 0 or cfg.temperature == 0 and cfg.dynatemp_range == 0:
+    if cfg.dynatemp_range == 0 and cfg.temperature in (0.0, 1.0):  # neutral, or greedy (no warpers)
         return None
     return Temperature(cfg.temperature, cfg.dynatemp_range, cfg.dynatemp_exponent)
 
@@ -105,6 +106,8 @@ class Sampler:
 
     def __init__(self, rows: Rows, stages: list[Stage], terminal: Terminal) -> None:
         self.rows, self.stages, self.terminal = rows, stages, terminal
+        # Truncation always leaves a token; only the constraints can ban every one.
+        self.can_ban_all = any(s.name in CONSTRAINTS for s in stages)
 
     @property
     def order(self) -> list[str]:
@@ -113,7 +116,12 @@ class Sampler:
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         for stage in self.stages:
             logits = stage.apply(logits)
+        self._check_not_empty(logits)
         return logits
+
+    def _check_not_empty(self, logits: torch.Tensor) -> None:
+        if self.can_ban_all and not torch.isfinite(logits).any(-1).all():
+            raise LlmgenError("every token is banned at this step (by --logit-bias, --bad-words, --min-new-tokens or --no-repeat-ngram-size)")
 
     def distribution(self, logits: torch.Tensor) -> torch.Tensor:
         """The renormalised distribution each row's token is chosen from, ``(rows, vocab)``."""
@@ -129,6 +137,7 @@ class Sampler:
         after = [logits.float()]
         for stage in self.stages:
             after.append(stage.apply(after[-1]))
+        self._check_not_empty(after[-1])
         final = self.terminal.distribution(after[-1])
         chosen = self.terminal.choose(after[-1])
         return chosen, [self._explain_row(after, final, row) for row in range(logits.shape[0])]

@@ -28,16 +28,21 @@ class TopK(Truncation):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.k >= logits.shape[-1]:
             return logits
-        order = stable_order(logits)
-        rank = torch.arange(logits.shape[-1], device=logits.device).expand_as(order)
-        return keep_sorted(logits, order, rank < self.k)
+        # The first k of a stable descending sort, without sorting the vocabulary: every
+        # token above the k-th largest logit, then the lowest ids among those equal to it.
+        kth = logits.topk(self.k, dim=-1).values[..., -1:]
+        above, tied = logits > kth, logits == kth
+        room = self.k - above.sum(-1, keepdim=True)
+        return logits.masked_fill(~(above | (tied & (tied.cumsum(-1) <= room))), NEG_INF)
 
 
 class TopP(Truncation):
     """Nucleus: keep the smallest prefix of the sorted distribution whose mass reaches p.
 
     A token is kept while the mass ranked above it is still below p, so the most
-    probable token always survives and the kept set is minimal.
+    probable token always survives and the kept set is minimal. The mass is summed in
+    sorted order, as transformers does: on a flat distribution over 50k tokens another
+    summation order moves the boundary by a token or two.
     """
 
     name = "top-p"
@@ -166,15 +171,14 @@ class XTC(Truncation):
         fire = [n >= 2 and torch.rand(1, generator=g, device=g.device).item() <= self.probability for n, g in zip(live, self.generators)]
         if not any(fire):
             return logits
-        above = probs >= self.threshold
-        # The least probable token above the threshold survives; it is the last in stable descending order.
-        order = stable_order(logits)
-        above_sorted = above.gather(-1, order)
-        count = above_sorted.sum(-1, keepdim=True)
-        rank = torch.arange(logits.shape[-1], device=logits.device).expand_as(order)
-        remove_sorted = above_sorted & (rank < count - 1) & (count >= 2)
-        remove_sorted &= torch.tensor(fire, device=logits.device)[:, None]
-        return keep_sorted(logits, order, ~remove_sorted)
+        above = (probs >= self.threshold) & torch.tensor(fire, device=logits.device)[:, None]
+        # The least probable token above the threshold survives: the lowest logit among
+        # them, and of equals the highest id (the last of them in stable descending order).
+        lowest = torch.where(above, logits, torch.inf).min(-1, keepdim=True).values
+        ids = torch.arange(logits.shape[-1], device=logits.device)
+        survivor = torch.where(above & (logits == lowest), ids, -1).max(-1, keepdim=True).values
+        remove = above & (ids != survivor) & (above.sum(-1, keepdim=True) >= 2)
+        return logits.masked_fill(remove, NEG_INF)
 
     def keep(self, rows: list[int]) -> None:
         self.generators = [self.generators[r] for r in rows]
