@@ -101,7 +101,7 @@ def build_six_word_model(path: Path, seed: int = 0, init_scale: float = 0.25):
 
 
 def build_llama(path: Path, kind: str = "llama", *, tokenizer: Tokenizer | None = None, seed: int = 0, **overrides):
-    """A tiny Llama-family checkpoint (llama, mistral or qwen2) written by transformers."""
+    """A tiny Llama-family checkpoint (llama, mistral, qwen2 or qwen3) written by transformers."""
     import transformers
 
     tok = tokenizer or train_tokenizer()
@@ -110,6 +110,7 @@ def build_llama(path: Path, kind: str = "llama", *, tokenizer: Tokenizer | None 
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[kind]
     settings = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,

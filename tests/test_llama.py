@@ -1,4 +1,4 @@
-"""Our Llama-family module against transformers' Llama, Mistral and Qwen2 on random weights."""
+"""Our Llama-family module against transformers' Llama, Mistral, Qwen2 and Qwen3 on random weights."""
 
 import pytest
 import torch
@@ -19,6 +19,9 @@ CASES = {
     "llama-llama3-rope": ("llama", {"rope_scaling": LLAMA3, "rope_theta": 500000.0}),
     "qwen2-gqa-tied-bias": ("qwen2", {"tie_word_embeddings": True}),
     "mistral": ("mistral", {"sliding_window": None}),
+    # Qwen3: q/k norms, and a head_dim that is not hidden/heads (24 and 8 against 64/4 = 16).
+    "qwen3-gqa-tied-head-dim": ("qwen3", {"tie_word_embeddings": True, "head_dim": 24}),
+    "qwen3-mha-untied-head-dim": ("qwen3", {"num_key_value_heads": 4, "head_dim": 8}),
 }
 
 

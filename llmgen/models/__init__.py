@@ -18,4 +18,5 @@ ARCHITECTURES = {
     "llama": (Llama, LlamaConfig),
     "mistral": (Llama, LlamaConfig),
     "qwen2": (Llama, LlamaConfig),
+    "qwen3": (Llama, LlamaConfig),
 }

@@ -1,5 +1,6 @@
-"""The Llama family (Llama 2/3, SmolLM, TinyLlama, Mistral, Qwen2): rotary positions,
-RMSNorm, a SwiGLU MLP, and grouped-query attention.
+"""The Llama family (Llama 2/3, SmolLM, TinyLlama, Mistral, Qwen2, Qwen3): rotary
+positions, RMSNorm, a SwiGLU MLP, and grouped-query attention; Qwen3 adds an RMSNorm
+over each head's queries and keys before the rotation.
 
 Parameter names mirror the Hugging Face checkpoint without its ``model.`` prefix, except
 that each layer's q/k/v and gate/up projections are stacked on load into ``qkv_proj`` and
@@ -42,6 +43,7 @@ class LlamaConfig:
     mlp_bias: bool = False
     head_dim: int | None = None
     hidden_act: str = "silu"
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k
 
     @classmethod
     def from_hf(cls, cfg: dict) -> LlamaConfig:
@@ -76,6 +78,7 @@ class LlamaConfig:
             mlp_bias=cfg.get("mlp_bias", False),
             head_dim=cfg.get("head_dim"),
             hidden_act=cfg.get("hidden_act", "silu"),
+            qk_norm=model_type == "qwen3",
         )
 
     @property
@@ -136,12 +139,17 @@ class Attention(nn.Module):
         self.sizes = _stacked_rows(cfg, "qkv_proj")
         self.qkv_proj = Linear(cfg.hidden_size, sum(self.sizes), bias=cfg.qkv_bias)  # q, k, v stacked
         self.o_proj = Linear(self.heads * self.dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(self.dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = q.view(B, T, self.heads, self.dim).transpose(1, 2)
-        k = k.view(B, T, self.kv_heads, self.dim).transpose(1, 2)
+        q = q.view(B, T, self.heads, self.dim)  # (B, T, nh, hs)
+        k = k.view(B, T, self.kv_heads, self.dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.kv_heads, self.dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
