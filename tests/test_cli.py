@@ -171,3 +171,10 @@ def test_info(cli, gpt2_dir):
     assert "model.safetensors" in facts["files"] and facts["vocab_size"] == facts["tokenizer_vocab_size"]
     code, out, _ = cli("info")
     assert code == 0 and "parameters" in out and "context length" in out
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_beam_length_penalty_must_be_finite(cli, value):
+    """Found by the fuzz test: alpha = -inf divided a score by 0 (an internal error)."""
+    code, out, err = cli("beam", "I like", "-n", "2", "--length-penalty", value)
+    assert code == 2 and out == "" and "--length-penalty" in err and err.count("\n") == 1

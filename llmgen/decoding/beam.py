@@ -18,6 +18,7 @@ Every considered continuation is recorded in a ``SearchTree`` for ``--show-tree`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,7 @@ class BeamConfig:
         require(self.width >= 1, f"--width must be >= 1, got {self.width}")
         require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         require(1 <= self.num_return <= self.width, f"--num-return must be between 1 and --width ({self.width}), got {self.num_return}")
+        require(math.isfinite(self.length_penalty), f"--length-penalty must be a finite number, got {self.length_penalty}")
         require(self.no_repeat_ngram_size >= 0, f"--no-repeat-ngram-size must be >= 0, got {self.no_repeat_ngram_size}")
         require(self.tree_top >= 0, f"--tree-top must be >= 0, got {self.tree_top}")
 
