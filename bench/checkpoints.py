@@ -2,8 +2,8 @@
 
 Weights are random but the shapes (and so the memory traffic and FLOPs) are those of
 the real models. The cache lives in $LLMGEN_BENCH_CACHE (default: ~/.cache/llmgen-bench).
-The GPT-2 shape is written by llmgen itself; the SmolLM2 shape (a Llama) by
-transformers, which the benchmarks need anyway as the reference.
+The GPT-2 shape is written by llmgen itself; the others by transformers, which the
+benchmarks need anyway as the reference.
 """
 
 from __future__ import annotations
@@ -22,19 +22,35 @@ GPT2_SHAPES = {
     # Only for the smoke test that keeps the scripts working (tests/test_bench.py).
     "gpt2-tiny": GPT2Config(vocab_size=512, n_positions=1024, n_embd=32, n_layer=2, n_head=2),
 }
-# transformers LlamaConfig arguments of HuggingFaceTB/SmolLM2-135M.
-LLAMA_SHAPES = {
-    "smollm2-135m": dict(
+# shape -> (transformers config class, model class, the real model's config arguments)
+HF_SHAPES = {
+    "smollm2-135m": ("LlamaConfig", "LlamaForCausalLM", dict(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000, rms_norm_eps=1e-5,
         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-    ),
-    "llama-tiny": dict(
+    )),
+    # EleutherAI/pythia-160m
+    "pythia-160m": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
+        vocab_size=50304, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True, layer_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+    )),
+    # Qwen/Qwen3-0.6B
+    "qwen3-0.6b": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    )),
+    "llama-tiny": ("LlamaConfig", "LlamaForCausalLM", dict(
         vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-    ),
+    )),
+    "neox-tiny": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=1024, rotary_pct=0.25, bos_token_id=0, eos_token_id=0,
+    )),
 }
-SHAPES = [*GPT2_SHAPES, *LLAMA_SHAPES]
+SHAPES = [*GPT2_SHAPES, *HF_SHAPES]
 SAMPLE_TEXT = [
     "It was a bright cold day in April, and the clocks were striking thirteen.",
     "The quick brown fox jumps over the lazy dog while I like cold coffee.",
@@ -56,10 +72,11 @@ def checkpoint(shape: str) -> Path:
         init_weights(model, cfg.n_layer, seed=0)
         save_checkpoint(model, tokenizer, path, {"bos_token_id": 0, "eos_token_id": 0})
         return path
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
+    config_cls, model_cls, kwargs = HF_SHAPES[shape]
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPES[shape])).save_pretrained(path)
+    getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).save_pretrained(path)
     tokenizer.save(str(path / "tokenizer.json"))
     return path
 

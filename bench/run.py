@@ -1,6 +1,6 @@
 """llmgen against transformers on the same random weights, in the same run, alternating.
 
-    python bench/run.py [--shape gpt2-124m|smollm2-135m] [--device cpu|cuda]
+    python bench/run.py [--shape gpt2-124m|smollm2-135m|pythia-160m|qwen3-0.6b] [--device cpu|cuda]
                         [--dtype float32|bfloat16|float16] [--threads 2] [--repeats 5]
                         [--new-tokens 64] [--quick]
 

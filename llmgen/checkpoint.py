@@ -219,9 +219,9 @@ def load_checkpoint(
     if model_type not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise ModelError(f"{cfg_path}: model_type {model_type!r} is not supported (supported: {supported})")
-    model_cls, cfg_cls = ARCHITECTURES[model_type]
+    model_cls, read_config = ARCHITECTURES[model_type]
     try:
-        cfg = cfg_cls.from_hf(hf_cfg)
+        cfg = read_config(hf_cfg)
         with torch.device("meta"), _skip_init():
             model = model_cls(cfg)
     except (TypeError, ValueError, ZeroDivisionError) as e:

@@ -126,3 +126,24 @@ def build_llama(path: Path, kind: str = "llama", *, tokenizer: Tokenizer | None 
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     return write_checkpoint(path, model, tok, eos)
+
+
+def build_neox(path: Path, *, tokenizer: Tokenizer | None = None, seed: int = 0, **overrides):
+    """A tiny GPT-NeoX (Pythia-style) checkpoint written by transformers."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tok = tokenizer or train_tokenizer()
+    eos = tok.token_to_id(EOS)
+    settings = dict(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, rotary_pct=0.25, use_parallel_residual=True, bos_token_id=eos, eos_token_id=eos,
+        tie_word_embeddings=False, initializer_range=0.3,
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**settings)).eval()
+    with torch.no_grad():  # LayerNorm weights start at 1 and biases at 0: perturb them so they are exercised
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "layer_norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return write_checkpoint(path, model, tok, eos)

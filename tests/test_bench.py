@@ -18,7 +18,7 @@ def _run(tmp_path, *args) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("shape", ["gpt2-tiny", "llama-tiny"])
+@pytest.mark.parametrize("shape", ["gpt2-tiny", "llama-tiny", "neox-tiny"])
 def test_run_prints_every_row(tmp_path, shape):
     out = _run(tmp_path, str(BENCH / "run.py"), "--quick", "--shape", shape)
     for row in ("decode tok/s, batch 1", "decode tok/s, batch 16", "beam-4 step / greedy step",

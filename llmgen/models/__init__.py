@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from llmgen.models.gpt2 import GPT2, GPT2Config
 from llmgen.models.llama import Llama, LlamaConfig
+from llmgen.models.neox import GPTNeoX, neox_config
 
+# model_type -> (the module, config.json's dict -> its config)
 ARCHITECTURES = {
-    "gpt2": (GPT2, GPT2Config),
-    "llama": (Llama, LlamaConfig),
-    "mistral": (Llama, LlamaConfig),
-    "qwen2": (Llama, LlamaConfig),
-    "qwen3": (Llama, LlamaConfig),
+    "gpt2": (GPT2, GPT2Config.from_hf),
+    "llama": (Llama, LlamaConfig.from_hf),
+    "mistral": (Llama, LlamaConfig.from_hf),
+    "qwen2": (Llama, LlamaConfig.from_hf),
+    "qwen3": (Llama, LlamaConfig.from_hf),
+    "gpt_neox": (GPTNeoX, neox_config),
 }

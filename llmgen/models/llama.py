@@ -44,6 +44,11 @@ class LlamaConfig:
     head_dim: int | None = None
     hidden_act: str = "silu"
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k
+    # GPT-NeoX (models/neox.py) reuses this module with these four:
+    layer_norm: bool = False  # LayerNorm with a bias instead of RMSNorm
+    partial_rotary_factor: float = 1.0  # rotate only this fraction of each head
+    parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) instead of one after the other
+    gated_mlp: bool = True  # SwiGLU; False: up, activation, down
 
     @classmethod
     def from_hf(cls, cfg: dict) -> LlamaConfig:
@@ -93,10 +98,14 @@ class LlamaConfig:
     def dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.dim * self.partial_rotary_factor)
+
 
 def rope_inv_freq(cfg: LlamaConfig, device) -> torch.Tensor:
     """Rotary inverse frequencies, with the config's scaling applied (float32)."""
-    d = cfg.dim
+    d = cfg.rotary_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
     scaling = dict(cfg.rope_scaling or ())
     kind = scaling.get("rope_type", scaling.get("type"))
@@ -118,6 +127,20 @@ def rope_inv_freq(cfg: LlamaConfig, device) -> torch.Tensor:
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on the first ``cos.shape[-1]`` dimensions of each head; the rest
+    pass through (partial rotary, as GPT-NeoX)."""
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    turned, kept = x[..., :d], x[..., d:]
+    return torch.cat((turned * cos + rotate_half(turned) * sin, kept), dim=-1)
+
+
+def norm(cfg: LlamaConfig, dim: int) -> nn.Module:
+    return nn.LayerNorm(dim, eps=cfg.rms_norm_eps) if cfg.layer_norm else RMSNorm(dim, cfg.rms_norm_eps)
 
 
 class RMSNorm(nn.Module):
@@ -151,8 +174,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.kv_heads, self.dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         causal = cache is None and mask is None and T > 1
@@ -165,13 +187,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)); or, not gated, down(act(fc_in(x)))."""
+
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)  # gate, up stacked
+        if cfg.gated_mlp:
+            self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)  # gate, up stacked
+        else:
+            self.fc_in = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = ACTIVATIONS[cfg.hidden_act]
+        self.gated = cfg.gated_mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return self.down_proj(self.act(self.fc_in(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
@@ -179,13 +209,17 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = norm(cfg, cfg.hidden_size)
         self.self_attn = Attention(cfg, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
+        self.parallel = cfg.parallel_residual
 
     def forward(self, x, cos, sin, cache, mask) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+        if self.parallel:
+            return x + attended + self.mlp(self.post_attention_layernorm(x))
+        x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -201,7 +235,7 @@ class Llama(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = norm(cfg, cfg.hidden_size)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
