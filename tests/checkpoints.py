@@ -147,3 +147,13 @@ def build_neox(path: Path, *, tokenizer: Tokenizer | None = None, seed: int = 0,
             if "layernorm" in name or "layer_norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     return write_checkpoint(path, model, tok, eos)
+
+
+def assert_logits_match(ref, ckpt, prompts: list[str], atol: float = 1e-4) -> None:
+    """Our model's logits against the transformers model that wrote the checkpoint."""
+    for prompt in prompts:
+        ids = torch.tensor([ckpt.encode(prompt)])
+        with torch.no_grad():
+            expected = ref(ids).logits
+        got = ckpt.model(ids)
+        assert torch.allclose(got, expected, atol=atol, rtol=0), (prompt, (got - expected).abs().max())

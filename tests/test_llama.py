@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from checkpoints import build_llama
+from checkpoints import assert_logits_match, build_llama
 from llmgen.checkpoint import load_checkpoint
 from llmgen.config import GenerationConfig, SamplingConfig
 from llmgen.decoding.beam import BeamConfig, beam_search
@@ -35,12 +35,7 @@ def pair(request, tmp_path_factory, tokenizer):
 
 def test_logits_match(pair):
     ref, ckpt = pair
-    for prompt in PROMPTS:
-        ids = torch.tensor([ckpt.encode(prompt)])
-        with torch.no_grad():
-            expected = ref(ids).logits
-        got = ckpt.model(ids)
-        assert torch.allclose(got, expected, atol=1e-4, rtol=0), (prompt, (got - expected).abs().max())
+    assert_logits_match(ref, ckpt, PROMPTS)
 
 
 def test_greedy_continuations_match(pair):

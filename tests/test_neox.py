@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from checkpoints import build_neox
+from checkpoints import assert_logits_match, build_neox
 from llmgen.checkpoint import load_checkpoint
 from llmgen.config import GenerationConfig, SamplingConfig
 from llmgen.decoding.greedy_sample import Row, generate, generate_batch
@@ -28,12 +28,7 @@ def pair(request, tmp_path_factory, tokenizer):
 
 def test_logits_match(pair):
     ref, ckpt, _ = pair
-    for prompt in PROMPTS:
-        ids = torch.tensor([ckpt.encode(prompt)])
-        with torch.no_grad():
-            expected = ref(ids).logits
-        got = ckpt.model(ids)
-        assert torch.allclose(got, expected, atol=1e-4, rtol=0), (prompt, (got - expected).abs().max())
+    assert_logits_match(ref, ckpt, PROMPTS)
 
 
 def test_greedy_cache_and_batch(pair):
