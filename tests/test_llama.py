@@ -1,4 +1,4 @@
-"""Our Llama-family module against transformers' Llama, Mistral, Qwen2 and Qwen3 on random weights."""
+"""Our Llama-family module against transformers' Llama, Mistral, Qwen2, Qwen3 and Phi-3 on random weights."""
 
 import pytest
 import torch
@@ -22,6 +22,9 @@ CASES = {
     # Qwen3: q/k norms, and a head_dim that is not hidden/heads (24 and 8 against 64/4 = 16).
     "qwen3-gqa-tied-head-dim": ("qwen3", {"tie_word_embeddings": True, "head_dim": 24}),
     "qwen3-mha-untied-head-dim": ("qwen3", {"num_key_value_heads": 4, "head_dim": 8}),
+    # Phi-3: q/k/v and gate/up stored fused; Phi-4-mini rotates 3/4 of each head.
+    "phi3-gqa-partial-rotary": ("phi3", {"partial_rotary_factor": 0.75}),
+    "phi3-mha-full-rotary-tied": ("phi3", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
 }
 
 
@@ -101,4 +104,17 @@ def test_stacked_projection_errors_name_the_checkpoint_tensor(tmp_path, tokenize
     edit(tensors)
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelError, match=message):
+        load_checkpoint(tmp_path, device="cpu")
+
+
+def test_phi3_longrope_is_refused_by_name(tmp_path, tokenizer):
+    import json
+
+    from llmgen.errors import ModelError
+
+    build_llama(tmp_path, "phi3", tokenizer=tokenizer)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="'longrope'"):
         load_checkpoint(tmp_path, device="cpu")

@@ -21,5 +21,6 @@ ARCHITECTURES = {
     "mistral": (Llama, LlamaConfig.from_hf),
     "qwen2": (Llama, LlamaConfig.from_hf),
     "qwen3": (Llama, LlamaConfig.from_hf),
+    "phi3": (Llama, LlamaConfig.from_hf),
     "gpt_neox": (GPTNeoX, neox_config),
 }

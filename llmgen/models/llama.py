@@ -1,6 +1,7 @@
-"""The Llama family (Llama 2/3, SmolLM, TinyLlama, Mistral, Qwen2, Qwen3): rotary
+"""The Llama family (Llama 2/3, SmolLM, TinyLlama, Mistral, Qwen2, Qwen3, Phi-3): rotary
 positions, RMSNorm, a SwiGLU MLP, and grouped-query attention; Qwen3 adds an RMSNorm
-over each head's queries and keys before the rotation.
+over each head's queries and keys before the rotation; Phi-3 stores q/k/v and gate/up
+already stacked (as this module keeps them) and may rotate only part of each head.
 
 Parameter names mirror the Hugging Face checkpoint without its ``model.`` prefix, except
 that each layer's q/k/v and gate/up projections are stacked on load into ``qkv_proj`` and
@@ -62,7 +63,7 @@ class LlamaConfig:
                 raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
             scaling = None if kind == "default" else tuple(sorted((k, v) for k, v in scaling.items() if not isinstance(v, (list, dict))))
         context = cfg.get("max_position_embeddings", 2048)
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type == "mistral") else None
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type in ("mistral", "phi3")) else None
         if window:
             context = min(context, window)  # within the window, sliding-window attention is full attention
         attention_bias = cfg.get("attention_bias", False)
@@ -84,6 +85,7 @@ class LlamaConfig:
             head_dim=cfg.get("head_dim"),
             hidden_act=cfg.get("hidden_act", "silu"),
             qk_norm=model_type == "qwen3",
+            partial_rotary_factor=cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)),
         )
 
     @property
