@@ -1,4 +1,4 @@
-"""Our Llama-family module against transformers' Llama, Mistral, Qwen2, Qwen3 and Phi-3 on random weights."""
+"""Our Llama-family module against transformers' Llama, Mistral, Qwen2, Qwen3, Phi-3 and OLMo 2 on random weights."""
 
 import pytest
 import torch
@@ -25,6 +25,9 @@ CASES = {
     # Phi-3: q/k/v and gate/up stored fused; Phi-4-mini rotates 3/4 of each head.
     "phi3-gqa-partial-rotary": ("phi3", {"partial_rotary_factor": 0.75}),
     "phi3-mha-full-rotary-tied": ("phi3", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    # OLMo 2: norms after attention and MLP, q/k norms over the whole projection.
+    "olmo2-gqa-untied": ("olmo2", {}),
+    "olmo2-mha-tied": ("olmo2", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
 }
 
 

@@ -22,5 +22,6 @@ ARCHITECTURES = {
     "qwen2": (Llama, LlamaConfig.from_hf),
     "qwen3": (Llama, LlamaConfig.from_hf),
     "phi3": (Llama, LlamaConfig.from_hf),
+    "olmo2": (Llama, LlamaConfig.from_hf),
     "gpt_neox": (GPTNeoX, neox_config),
 }

@@ -1,7 +1,9 @@
-"""The Llama family (Llama 2/3, SmolLM, TinyLlama, Mistral, Qwen2, Qwen3, Phi-3): rotary
-positions, RMSNorm, a SwiGLU MLP, and grouped-query attention; Qwen3 adds an RMSNorm
-over each head's queries and keys before the rotation; Phi-3 stores q/k/v and gate/up
-already stacked (as this module keeps them) and may rotate only part of each head.
+"""The Llama family (Llama 2/3, SmolLM, TinyLlama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2):
+rotary positions, RMSNorm, a SwiGLU MLP, and grouped-query attention. Qwen3 adds an
+RMSNorm over each head's queries and keys before the rotation; OLMo 2 one over the
+whole q and k projections, and puts its norms after attention and MLP instead of
+before; Phi-3 stores q/k/v and gate/up already stacked (as this module keeps them) and
+may rotate only part of each head.
 
 Parameter names mirror the Hugging Face checkpoint without its ``model.`` prefix, except
 that each layer's q/k/v and gate/up projections are stacked on load into ``qkv_proj`` and
@@ -44,7 +46,8 @@ class LlamaConfig:
     mlp_bias: bool = False
     head_dim: int | None = None
     hidden_act: str = "silu"
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k
+    qk_norm: str | None = None  # RMSNorm on q and k: "head" over each head (Qwen3), "all" over the whole projection (OLMo 2)
+    post_norm: bool = False  # OLMo 2: x + norm(attn(x)), then x + norm(mlp(x)), with no norm before either
     # GPT-NeoX (models/neox.py) reuses this module with these four:
     layer_norm: bool = False  # LayerNorm with a bias instead of RMSNorm
     partial_rotary_factor: float = 1.0  # rotate only this fraction of each head
@@ -84,7 +87,8 @@ class LlamaConfig:
             mlp_bias=cfg.get("mlp_bias", False),
             head_dim=cfg.get("head_dim"),
             hidden_act=cfg.get("hidden_act", "silu"),
-            qk_norm=model_type == "qwen3",
+            qk_norm={"qwen3": "head", "olmo2": "all"}.get(model_type),
+            post_norm=model_type == "olmo2",
             partial_rotary_factor=cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)),
         )
 
@@ -164,15 +168,19 @@ class Attention(nn.Module):
         self.sizes = _stacked_rows(cfg, "qkv_proj")
         self.qkv_proj = Linear(cfg.hidden_size, sum(self.sizes), bias=cfg.qkv_bias)  # q, k, v stacked
         self.o_proj = Linear(self.heads * self.dim, cfg.hidden_size, bias=cfg.o_bias)
-        self.q_norm = RMSNorm(self.dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.qk_norm = cfg.qk_norm
+        q_size, k_size = (self.dim, self.dim) if cfg.qk_norm == "head" else self.sizes[:2]
+        self.q_norm = RMSNorm(q_size, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_size, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        if self.qk_norm == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.heads, self.dim)  # (B, T, nh, hs)
         k = k.view(B, T, self.kv_heads, self.dim)
-        if self.q_norm is not None:
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.kv_heads, self.dim).transpose(1, 2)
@@ -211,13 +219,17 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int) -> None:
         super().__init__()
-        self.input_layernorm = norm(cfg, cfg.hidden_size)
+        self.post_norm, self.parallel = cfg.post_norm, cfg.parallel_residual
+        self.input_layernorm = None if cfg.post_norm else norm(cfg, cfg.hidden_size)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
-        self.parallel = cfg.parallel_residual
+        self.post_feedforward_layernorm = norm(cfg, cfg.hidden_size) if cfg.post_norm else None
 
     def forward(self, x, cos, sin, cache, mask) -> torch.Tensor:
+        if self.post_norm:
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, cache, mask))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
         attended = self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         if self.parallel:
             return x + attended + self.mlp(self.post_attention_layernorm(x))
