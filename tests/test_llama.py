@@ -1,4 +1,4 @@
-"""Our Llama-family module against transformers' Llama, Mistral, Qwen2, Qwen3, Phi-3 and OLMo 2 on random weights."""
+"""Our Llama-family module against transformers' Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2 and Gemma on random weights."""
 
 import pytest
 import torch
@@ -28,6 +28,9 @@ CASES = {
     # OLMo 2: norms after attention and MLP, q/k norms over the whole projection.
     "olmo2-gqa-untied": ("olmo2", {}),
     "olmo2-mha-tied": ("olmo2", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    # Gemma: embeddings scaled by sqrt(hidden), RMSNorm by (1 + w), GeGLU, a wide head_dim.
+    "gemma-mqa-tied": ("gemma", {"num_key_value_heads": 1, "tie_word_embeddings": True, "head_dim": 32}),
+    "gemma-mha-untied": ("gemma", {"num_key_value_heads": 4, "head_dim": 16}),
 }
 
 

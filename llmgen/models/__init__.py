@@ -23,5 +23,6 @@ ARCHITECTURES = {
     "qwen3": (Llama, LlamaConfig.from_hf),
     "phi3": (Llama, LlamaConfig.from_hf),
     "olmo2": (Llama, LlamaConfig.from_hf),
+    "gemma": (Llama, LlamaConfig.from_hf),
     "gpt_neox": (GPTNeoX, neox_config),
 }

@@ -53,6 +53,9 @@ class LlamaConfig:
     partial_rotary_factor: float = 1.0  # rotate only this fraction of each head
     parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) instead of one after the other
     gated_mlp: bool = True  # SwiGLU; False: up, activation, down
+    # Gemma:
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma stores weight - 1
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size)
 
     @classmethod
     def from_hf(cls, cfg: dict) -> LlamaConfig:
@@ -86,8 +89,10 @@ class LlamaConfig:
             o_bias=attention_bias,
             mlp_bias=cfg.get("mlp_bias", False),
             head_dim=cfg.get("head_dim"),
-            hidden_act=cfg.get("hidden_act", "silu"),
+            hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act", "silu"),
             qk_norm={"qwen3": "head", "olmo2": "all"}.get(model_type),
+            norm_offset=1.0 if model_type == "gemma" else 0.0,
+            embed_scale=model_type == "gemma",
             post_norm=model_type == "olmo2",
             partial_rotary_factor=cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)),
         )
@@ -146,18 +151,20 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def norm(cfg: LlamaConfig, dim: int) -> nn.Module:
-    return nn.LayerNorm(dim, eps=cfg.rms_norm_eps) if cfg.layer_norm else RMSNorm(dim, cfg.rms_norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.rms_norm_eps) if cfg.layer_norm else RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_offset)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma scales by (1 + weight) in float32, then casts
+            return (h * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
@@ -170,8 +177,8 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.heads * self.dim, cfg.hidden_size, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         q_size, k_size = (self.dim, self.dim) if cfg.qk_norm == "head" else self.sizes[:2]
-        self.q_norm = RMSNorm(q_size, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(k_size, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = norm(cfg, q_size) if cfg.qk_norm else None
+        self.k_norm = norm(cfg, k_size) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -276,6 +283,8 @@ class Llama(nn.Module):
         T = input_ids.shape[1]
         positions, mask = positions_and_mask(input_ids, positions, cache, attention_mask)
         x = self.embed_tokens(input_ids)
+        if self.cfg.embed_scale:
+            x = x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype)
         cos, sin = self.rotary(positions.expand(input_ids.shape[0], -1), x.dtype)
         for block in self.layers:
             x = block(x, cos, sin, cache, mask)
