@@ -71,6 +71,13 @@ class Checkpoint:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
+# model_type -> the family a person would name
+FAMILIES = {
+    "gpt2": "GPT-2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi-3",
+    "olmo2": "OLMo 2", "gemma": "Gemma", "gemma2": "Gemma 2", "gpt_neox": "GPT-NeoX (Pythia)",
+}
+
+
 def describe(ckpt: Checkpoint) -> dict:
     """What ``llmgen info`` reports about a loaded model."""
     cfg = ckpt.model.cfg
@@ -95,6 +102,8 @@ def describe(ckpt: Checkpoint) -> dict:
         "path": str(ckpt.path),
         "source": source,
         "architecture": ckpt.model_type,
+        "family": FAMILIES.get(ckpt.model_type, ckpt.model_type),
+        "features": list(getattr(cfg, "features", [])),
         "parameters": sum(p.numel() for p in ckpt.model.parameters()),
         "layers": getattr(cfg, "n_layer", None),
         "vocab_size": cfg.vocab_size,

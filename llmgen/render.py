@@ -323,9 +323,9 @@ def info_table(facts: dict) -> Table:
     table = Table(show_header=False, box=None, padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    for key in ("source", "architecture", "parameters", "layers", "vocab_size", "tokenizer_vocab_size",
+    for key in ("source", "architecture", "family", "features", "parameters", "layers", "vocab_size", "tokenizer_vocab_size",
                 "context_length", "dtype", "device", "eos_token_ids", "bos_token_id", "generation_defaults"):
-        value = facts[key]
+        value = ", ".join(facts[key]) or "—" if key == "features" else facts[key]
         table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
     files = ", ".join(f"{name} ({_size(size)})" for name, size in facts["files"].items())
     table.add_row("files", files)

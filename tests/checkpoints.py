@@ -101,7 +101,7 @@ def build_six_word_model(path: Path, seed: int = 0, init_scale: float = 0.25):
 
 
 def build_llama(path: Path, kind: str = "llama", *, tokenizer: Tokenizer | None = None, seed: int = 0, **overrides):
-    """A tiny Llama-family checkpoint (llama, mistral, qwen2, qwen3, phi3, olmo2 or gemma) written by transformers."""
+    """A tiny Llama-family checkpoint (llama, mistral, qwen2, qwen3, phi3, olmo2, gemma, gemma2) written by transformers."""
     import transformers
 
     tok = tokenizer or train_tokenizer()
@@ -114,6 +114,7 @@ def build_llama(path: Path, kind: str = "llama", *, tokenizer: Tokenizer | None 
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
         "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
     }[kind]
     settings = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,

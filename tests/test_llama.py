@@ -1,4 +1,4 @@
-"""Our Llama-family module against transformers' Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2 and Gemma on random weights."""
+"""Our Llama-family module against transformers' Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, Gemma and Gemma 2 on random weights."""
 
 import pytest
 import torch
@@ -31,6 +31,12 @@ CASES = {
     # Gemma: embeddings scaled by sqrt(hidden), RMSNorm by (1 + w), GeGLU, a wide head_dim.
     "gemma-mqa-tied": ("gemma", {"num_key_value_heads": 1, "tie_word_embeddings": True, "head_dim": 32}),
     "gemma-mha-untied": ("gemma", {"num_key_value_heads": 4, "head_dim": 16}),
+    # Gemma 2: soft-capped attention and logits, query_pre_attn_scalar, four norms a layer,
+    # and a sliding window of 4 on every other layer, which every prompt and continuation
+    # here is longer than. Eager attention: transformers' SDPA path drops the soft-cap.
+    "gemma2-gqa-window": ("gemma2", {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 24,
+                                     "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0,
+                                     "attn_implementation": "eager", "num_hidden_layers": 3}),
 }
 
 
@@ -124,3 +130,13 @@ def test_phi3_longrope_is_refused_by_name(tmp_path, tokenizer):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="'longrope'"):
         load_checkpoint(tmp_path, device="cpu")
+
+
+def test_info_names_the_family_and_its_features(tmp_path, tokenizer):
+    from llmgen.checkpoint import describe
+
+    build_llama(tmp_path, "gemma2", tokenizer=tokenizer, **CASES["gemma2-gqa-window"][1])
+    facts = describe(load_checkpoint(tmp_path, device="cpu"))
+    assert facts["family"] == "Gemma 2"
+    for feature in ("sliding window 4 on 2 of 3 layers", "attention soft-cap 5", "logit soft-cap 3", "grouped-query attention (4 q / 2 kv heads)"):
+        assert feature in facts["features"]

@@ -24,5 +24,6 @@ ARCHITECTURES = {
     "phi3": (Llama, LlamaConfig.from_hf),
     "olmo2": (Llama, LlamaConfig.from_hf),
     "gemma": (Llama, LlamaConfig.from_hf),
+    "gemma2": (Llama, LlamaConfig.from_hf),
     "gpt_neox": (GPTNeoX, neox_config),
 }

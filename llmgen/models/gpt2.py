@@ -63,6 +63,14 @@ class GPT2Config:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def features(self) -> list[str]:
+        """The architecture features in use, for ``llmgen info``."""
+        out = ["learned positions", "LayerNorm", "GELU MLP"]
+        if self.scale_attn_by_inverse_layer_idx:
+            out.append("attention scaled by 1/layer")
+        return out + ["tied embeddings"] * self.tie_word_embeddings
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: GPT2Config, layer: int) -> None:

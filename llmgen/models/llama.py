@@ -56,6 +56,13 @@ class LlamaConfig:
     # Gemma:
     norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma stores weight - 1
     embed_scale: bool = False  # embeddings times sqrt(hidden_size)
+    # Gemma 2:
+    sandwich_norm: bool = False  # norms before and after both attention and MLP
+    attn_softcap: float | None = None  # attention scores become cap * tanh(score / cap)
+    final_softcap: float | None = None  # so do the output logits
+    query_scale: float | None = None  # attention's score scale when not 1/sqrt(head_dim)
+    sliding_window: int | None = None  # keys at most this many positions back, on sliding_layers
+    sliding_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_hf(cls, cfg: dict) -> LlamaConfig:
@@ -72,6 +79,7 @@ class LlamaConfig:
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type in ("mistral", "phi3")) else None
         if window:
             context = min(context, window)  # within the window, sliding-window attention is full attention
+        gemma2 = model_type == "gemma2"
         attention_bias = cfg.get("attention_bias", False)
         return cls(
             vocab_size=cfg["vocab_size"],
@@ -91,11 +99,41 @@ class LlamaConfig:
             head_dim=cfg.get("head_dim"),
             hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act", "silu"),
             qk_norm={"qwen3": "head", "olmo2": "all"}.get(model_type),
-            norm_offset=1.0 if model_type == "gemma" else 0.0,
-            embed_scale=model_type == "gemma",
+            norm_offset=1.0 if model_type in ("gemma", "gemma2") else 0.0,
+            embed_scale=model_type in ("gemma", "gemma2"),
+            sandwich_norm=gemma2,
+            attn_softcap=cfg.get("attn_logit_softcapping") if gemma2 else None,
+            final_softcap=cfg.get("final_logit_softcapping") if gemma2 else None,
+            query_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma2 else None,
+            sliding_window=cfg.get("sliding_window") if gemma2 else None,
+            sliding_layers=_sliding_layers(cfg) if gemma2 else (),
             post_norm=model_type == "olmo2",
             partial_rotary_factor=cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)),
         )
+
+    @property
+    def features(self) -> list[str]:
+        """The architecture features in use, for ``llmgen info``."""
+        names = {
+            "qk_norm": f"q/k norm ({self.qk_norm})", "post_norm": "norms after attention and MLP", "layer_norm": "LayerNorm",
+            "parallel_residual": "parallel residual", "sandwich_norm": "norms before and after attention and MLP",
+            "embed_scale": "embeddings scaled by sqrt(hidden)", "tie_word_embeddings": "tied embeddings",
+        }
+        out = [text for field, text in names.items() if getattr(self, field)]
+        out.append("SwiGLU/GeGLU MLP" if self.gated_mlp else "MLP")
+        if self.num_key_value_heads != self.num_attention_heads:
+            out.append(f"grouped-query attention ({self.num_attention_heads} q / {self.num_key_value_heads} kv heads)")
+        if self.partial_rotary_factor != 1.0:
+            out.append(f"partial rotary ({self.partial_rotary_factor:g} of each head)")
+        if self.rope_scaling:
+            out.append(f"rope scaling {dict(self.rope_scaling).get('rope_type', dict(self.rope_scaling).get('type'))}")
+        if self.sliding_window and self.sliding_layers:
+            out.append(f"sliding window {self.sliding_window} on {len(self.sliding_layers)} of {self.num_hidden_layers} layers")
+        if self.attn_softcap:
+            out.append(f"attention soft-cap {self.attn_softcap:g}")
+        if self.final_softcap:
+            out.append(f"logit soft-cap {self.final_softcap:g}")
+        return out
 
     @property
     def context_length(self) -> int:
@@ -112,6 +150,18 @@ class LlamaConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.dim * self.partial_rotary_factor)
+
+
+def _sliding_layers(cfg: dict) -> tuple[int, ...]:
+    """Which layers use the sliding window: config.json's ``layer_types`` when it has
+    them, else Gemma 2's rule (every other layer, starting with the first)."""
+    types = cfg.get("layer_types") or [
+        "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(cfg["num_hidden_layers"])
+    ]
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ValueError(f"layer type {sorted(unknown)[0]!r} is not supported (supported: sliding_attention, full_attention)")
+    return tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
 
 
 def rope_inv_freq(cfg: LlamaConfig, device) -> torch.Tensor:
@@ -179,6 +229,8 @@ class Attention(nn.Module):
         q_size, k_size = (self.dim, self.dim) if cfg.qk_norm == "head" else self.sizes[:2]
         self.q_norm = norm(cfg, q_size) if cfg.qk_norm else None
         self.k_norm = norm(cfg, k_size) if cfg.qk_norm else None
+        self.window = cfg.sliding_window if layer in cfg.sliding_layers else None
+        self.softcap, self.scale = cfg.attn_softcap, cfg.query_scale
 
     def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -192,15 +244,44 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.kv_heads, self.dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        start = cache.length if cache is not None else 0  # the first query's slot
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        causal = cache is None and mask is None and T > 1
-        # Grouped-query attention: each K/V head serves a group of query heads. enable_gqa
-        # reads the cache in place, where repeating K/V would copy all of it every step.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.heads
-        )
+        if self.window:
+            mask = sliding_mask(mask, start, T, k.shape[2], self.window, x.device)
+        if self.softcap:
+            y = softcapped_attention(q, k, v, mask, start, self.scale, self.softcap)
+        else:
+            causal = mask is None and T > 1 and cache is None
+            # Grouped-query attention: each K/V head serves a group of query heads. enable_gqa
+            # reads the cache in place, where repeating K/V would copy all of it every step.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=self.kv_heads != self.heads
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.heads * self.dim))
+
+
+def sliding_mask(mask: torch.Tensor | None, start: int, q_len: int, k_len: int, window: int, device) -> torch.Tensor:
+    """``mask`` (None: plain causal) narrowed so each query sees only the ``window`` most
+    recent slots up to itself, as transformers' sliding-window layers do."""
+    q_pos = torch.arange(start, start + q_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    band = ((k_pos <= q_pos) & (q_pos - k_pos < window))[None, None]  # (1, 1, T, keys)
+    return band if mask is None else mask & band
+
+
+def softcapped_attention(q, k, v, mask, start: int, scale: float | None, cap: float) -> torch.Tensor:
+    """Attention whose scores are squashed to (-cap, cap) by cap * tanh(score / cap)
+    before the softmax (Gemma 2); no fused kernel does this, so it is spelled out."""
+    if k.shape[1] != q.shape[1]:  # grouped-query: repeat each K/V head for its group
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)  # (B, nh, T, keys)
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None:
+        mask = sliding_mask(None, start, q.shape[2], k.shape[2], k.shape[2] + 1, q.device)  # causal
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -226,14 +307,18 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int) -> None:
         super().__init__()
-        self.post_norm, self.parallel = cfg.post_norm, cfg.parallel_residual
+        self.post_norm, self.parallel, self.sandwich = cfg.post_norm, cfg.parallel_residual, cfg.sandwich_norm
         self.input_layernorm = None if cfg.post_norm else norm(cfg, cfg.hidden_size)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = norm(cfg, cfg.hidden_size)
+        self.pre_feedforward_layernorm = norm(cfg, cfg.hidden_size) if cfg.sandwich_norm else None
         self.mlp = MLP(cfg)
-        self.post_feedforward_layernorm = norm(cfg, cfg.hidden_size) if cfg.post_norm else None
+        self.post_feedforward_layernorm = norm(cfg, cfg.hidden_size) if cfg.post_norm or cfg.sandwich_norm else None
 
     def forward(self, x, cos, sin, cache, mask) -> torch.Tensor:
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache, mask))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         if self.post_norm:
             x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, cache, mask))
             return x + self.post_feedforward_layernorm(self.mlp(x))
@@ -292,7 +377,10 @@ class Llama(nn.Module):
             cache.advance(T)
         x = self.norm(x)
         head = self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return linear(x, head)
+        logits = linear(x, head)
+        if self.cfg.final_softcap:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
 
     @staticmethod
     def rename_checkpoint(tensors: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, tuple[str, torch.Tensor]]:
