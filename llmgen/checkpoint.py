@@ -74,7 +74,7 @@ class Checkpoint:
 # model_type -> the family a person would name
 FAMILIES = {
     "gpt2": "GPT-2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi-3",
-    "olmo2": "OLMo 2", "gemma": "Gemma", "gemma2": "Gemma 2", "gpt_neox": "GPT-NeoX (Pythia)",
+    "olmo2": "OLMo 2", "gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3", "gpt_neox": "GPT-NeoX (Pythia)",
 }
 
 

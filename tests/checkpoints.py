@@ -101,7 +101,7 @@ def build_six_word_model(path: Path, seed: int = 0, init_scale: float = 0.25):
 
 
 def build_llama(path: Path, kind: str = "llama", *, tokenizer: Tokenizer | None = None, seed: int = 0, **overrides):
-    """A tiny Llama-family checkpoint (llama, mistral, qwen2, qwen3, phi3, olmo2, gemma, gemma2) written by transformers."""
+    """A tiny Llama-family checkpoint (llama, mistral, qwen2, qwen3, phi3, olmo2, gemma, gemma2, gemma3_text) written by transformers."""
     import transformers
 
     tok = tokenizer or train_tokenizer()
@@ -115,6 +115,7 @@ def build_llama(path: Path, kind: str = "llama", *, tokenizer: Tokenizer | None 
         "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[kind]
     settings = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -1,4 +1,4 @@
-"""Our Llama-family module against transformers' Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2, Gemma and Gemma 2 on random weights."""
+"""Our Llama-family module against transformers' Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2 and Gemma 1, 2 and 3 on random weights."""
 
 import pytest
 import torch
@@ -37,6 +37,10 @@ CASES = {
     "gemma2-gqa-window": ("gemma2", {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 24,
                                      "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0,
                                      "attn_implementation": "eager", "num_hidden_layers": 3}),
+    # Gemma 3: q/k norms, and a window of 4 with its own rope base on the sliding layers.
+    "gemma3-window-local-rope": ("gemma3_text", {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16,
+                                                 "num_hidden_layers": 3, "attn_implementation": "eager",
+                                                 "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
 }
 
 
@@ -140,3 +144,23 @@ def test_info_names_the_family_and_its_features(tmp_path, tokenizer):
     assert facts["family"] == "Gemma 2"
     for feature in ("sliding window 4 on 2 of 3 layers", "attention soft-cap 5", "logit soft-cap 3", "grouped-query attention (4 q / 2 kv heads)"):
         assert feature in facts["features"]
+
+
+def test_gemma3_configs_of_either_age(tmp_path, tokenizer):
+    """Hub configs from before rope_parameters and layer_types (rope_theta,
+    rope_local_base_freq, sliding_window_pattern) load the same model."""
+    import json
+    import shutil
+
+    build_llama(tmp_path / "new", "gemma3_text", tokenizer=tokenizer, **CASES["gemma3-window-local-rope"][1])
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    del cfg["layer_types"]
+    cfg.update(rope_theta=rope["full_attention"]["rope_theta"], rope_local_base_freq=rope["sliding_attention"]["rope_theta"],
+               sliding_window_pattern=2)
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    new, old = load_checkpoint(tmp_path / "new", device="cpu"), load_checkpoint(tmp_path / "old", device="cpu")
+    assert old.model.cfg.sliding_layers == new.model.cfg.sliding_layers == (0, 2)
+    ids = torch.tensor([new.encode(PROMPTS[1] * 3)])
+    assert torch.equal(old.model(ids), new.model(ids))

@@ -25,5 +25,6 @@ ARCHITECTURES = {
     "olmo2": (Llama, LlamaConfig.from_hf),
     "gemma": (Llama, LlamaConfig.from_hf),
     "gemma2": (Llama, LlamaConfig.from_hf),
+    "gemma3_text": (Llama, LlamaConfig.from_hf),
     "gpt_neox": (GPTNeoX, neox_config),
 }

@@ -63,12 +63,17 @@ class LlamaConfig:
     query_scale: float | None = None  # attention's score scale when not 1/sqrt(head_dim)
     sliding_window: int | None = None  # keys at most this many positions back, on sliding_layers
     sliding_layers: tuple[int, ...] = ()
+    local_rope_theta: float | None = None  # Gemma 3: the sliding layers' own (unscaled) rope base
 
     @classmethod
     def from_hf(cls, cfg: dict) -> LlamaConfig:
         model_type = cfg.get("model_type")
         heads = cfg["num_attention_heads"]
         scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        local = None
+        if scaling and "full_attention" in scaling:  # Gemma 3: rope parameters per layer type
+            local = scaling.get("sliding_attention", {}).get("rope_theta")
+            scaling = scaling["full_attention"]
         rope_theta = cfg.get("rope_theta", (scaling or {}).get("rope_theta", 10000.0))
         if scaling:
             kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -79,7 +84,8 @@ class LlamaConfig:
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type in ("mistral", "phi3")) else None
         if window:
             context = min(context, window)  # within the window, sliding-window attention is full attention
-        gemma2 = model_type == "gemma2"
+        gemma2, gemma3 = model_type == "gemma2", model_type == "gemma3_text"
+        gemma = model_type in ("gemma", "gemma2", "gemma3_text")
         attention_bias = cfg.get("attention_bias", False)
         return cls(
             vocab_size=cfg["vocab_size"],
@@ -98,15 +104,16 @@ class LlamaConfig:
             mlp_bias=cfg.get("mlp_bias", False),
             head_dim=cfg.get("head_dim"),
             hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act", "silu"),
-            qk_norm={"qwen3": "head", "olmo2": "all"}.get(model_type),
-            norm_offset=1.0 if model_type in ("gemma", "gemma2") else 0.0,
-            embed_scale=model_type in ("gemma", "gemma2"),
-            sandwich_norm=gemma2,
-            attn_softcap=cfg.get("attn_logit_softcapping") if gemma2 else None,
-            final_softcap=cfg.get("final_logit_softcapping") if gemma2 else None,
-            query_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma2 else None,
-            sliding_window=cfg.get("sliding_window") if gemma2 else None,
-            sliding_layers=_sliding_layers(cfg) if gemma2 else (),
+            qk_norm={"qwen3": "head", "olmo2": "all", "gemma3_text": "head"}.get(model_type),
+            norm_offset=1.0 if gemma else 0.0,
+            embed_scale=gemma,
+            sandwich_norm=gemma2 or gemma3,
+            attn_softcap=cfg.get("attn_logit_softcapping") if gemma2 or gemma3 else None,
+            final_softcap=cfg.get("final_logit_softcapping") if gemma2 or gemma3 else None,
+            query_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma2 or gemma3 else None,
+            sliding_window=cfg.get("sliding_window") if gemma2 or gemma3 else None,
+            sliding_layers=_sliding_layers(cfg) if gemma2 or gemma3 else (),
+            local_rope_theta=(local or cfg.get("rope_local_base_freq", 10000.0)) if gemma3 else None,
             post_norm=model_type == "olmo2",
             partial_rotary_factor=cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)),
         )
@@ -129,6 +136,8 @@ class LlamaConfig:
             out.append(f"rope scaling {dict(self.rope_scaling).get('rope_type', dict(self.rope_scaling).get('type'))}")
         if self.sliding_window and self.sliding_layers:
             out.append(f"sliding window {self.sliding_window} on {len(self.sliding_layers)} of {self.num_hidden_layers} layers")
+        if self.local_rope_theta:
+            out.append(f"rope base {self.local_rope_theta:g} on sliding layers, {self.rope_theta:g} on the others")
         if self.attn_softcap:
             out.append(f"attention soft-cap {self.attn_softcap:g}")
         if self.final_softcap:
@@ -154,9 +163,11 @@ class LlamaConfig:
 
 def _sliding_layers(cfg: dict) -> tuple[int, ...]:
     """Which layers use the sliding window: config.json's ``layer_types`` when it has
-    them, else Gemma 2's rule (every other layer, starting with the first)."""
+    them, else the family's rule: every other layer from the first (Gemma 2), or all but
+    every ``sliding_window_pattern``-th (Gemma 3, 6 by default)."""
+    every = cfg.get("sliding_window_pattern", 6) if cfg.get("model_type") == "gemma3_text" else 2
     types = cfg.get("layer_types") or [
-        "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(cfg["num_hidden_layers"])
+        "sliding_attention" if (i + 1) % every else "full_attention" for i in range(cfg["num_hidden_layers"])
     ]
     unknown = set(types) - {"sliding_attention", "full_attention"}
     if unknown:
@@ -164,11 +175,13 @@ def _sliding_layers(cfg: dict) -> tuple[int, ...]:
     return tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
 
 
-def rope_inv_freq(cfg: LlamaConfig, device) -> torch.Tensor:
-    """Rotary inverse frequencies, with the config's scaling applied (float32)."""
+def rope_inv_freq(cfg: LlamaConfig, device, local: bool = False) -> torch.Tensor:
+    """Rotary inverse frequencies, with the config's scaling applied (float32); ``local``:
+    for Gemma 3's sliding layers, their own base and no scaling."""
     d = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
-    scaling = dict(cfg.rope_scaling or ())
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    scaling = {} if local else dict(cfg.rope_scaling or ())
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "linear":
         return inv_freq / scaling["factor"]
@@ -344,17 +357,17 @@ class Llama(nn.Module):
         self.norm = norm(cfg, cfg.hidden_size)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._inv_freq: dict[tuple[torch.device, bool], torch.Tensor] = {}
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.embed_tokens.weight
         return KVCache(self.cfg.num_hidden_layers, batch, self.cfg.num_key_value_heads, max_len, self.cfg.dim, p.dtype, p.device)
 
-    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        device = positions.device
-        if device not in self._inv_freq:
-            self._inv_freq[device] = rope_inv_freq(self.cfg, device)
-        freqs = positions.float()[..., None] * self._inv_freq[device]
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (positions.device, local)
+        if key not in self._inv_freq:
+            self._inv_freq[key] = rope_inv_freq(self.cfg, positions.device, local)
+        freqs = positions.float()[..., None] * self._inv_freq[key]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, dim]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -370,9 +383,11 @@ class Llama(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.cfg.embed_scale:
             x = x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype)
-        cos, sin = self.rotary(positions.expand(input_ids.shape[0], -1), x.dtype)
+        positions = positions.expand(input_ids.shape[0], -1)
+        rope = self.rotary(positions, x.dtype)
+        local = self.rotary(positions, x.dtype, local=True) if self.cfg.local_rope_theta else rope
         for block in self.layers:
-            x = block(x, cos, sin, cache, mask)
+            x = block(x, *(local if block.self_attn.window else rope), cache, mask)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
