@@ -40,7 +40,7 @@ def test_unsupported_model_type(model_dir):
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg["model_type"] = "bert"
     (model_dir / "config.json").write_text(json.dumps(cfg))
-    expect_error(model_dir, "config.json", "'bert'", "supported: gpt2")
+    expect_error(model_dir, "config.json", "'bert'", "supported: ", "gpt2", "gpt_neox", "gemma3_text")
 
 
 def test_missing_weights_and_pickles_are_never_read(model_dir):

@@ -1,4 +1,4 @@
-"""Our Llama-family module against transformers' Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2 and Gemma 1, 2 and 3 on random weights."""
+"""The rotary decoder (models/decoder.py, read by models/families.py) against transformers' Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2 and Gemma 1, 2 and 3 on random weights."""
 
 import pytest
 import torch

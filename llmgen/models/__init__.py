@@ -10,21 +10,22 @@ Every model is an ``nn.Module`` with the same interface, which is all the decode
 
 from __future__ import annotations
 
+from llmgen.models import families
+from llmgen.models.decoder import Decoder
 from llmgen.models.gpt2 import GPT2, GPT2Config
-from llmgen.models.llama import Llama, LlamaConfig
 from llmgen.models.neox import GPTNeoX, neox_config
 
 # model_type -> (the module, config.json's dict -> its config)
 ARCHITECTURES = {
     "gpt2": (GPT2, GPT2Config.from_hf),
-    "llama": (Llama, LlamaConfig.from_hf),
-    "mistral": (Llama, LlamaConfig.from_hf),
-    "qwen2": (Llama, LlamaConfig.from_hf),
-    "qwen3": (Llama, LlamaConfig.from_hf),
-    "phi3": (Llama, LlamaConfig.from_hf),
-    "olmo2": (Llama, LlamaConfig.from_hf),
-    "gemma": (Llama, LlamaConfig.from_hf),
-    "gemma2": (Llama, LlamaConfig.from_hf),
-    "gemma3_text": (Llama, LlamaConfig.from_hf),
+    "llama": (Decoder, families.llama),
+    "mistral": (Decoder, families.llama),
+    "phi3": (Decoder, families.llama),
+    "qwen2": (Decoder, families.qwen2),
+    "qwen3": (Decoder, families.qwen3),
+    "olmo2": (Decoder, families.olmo2),
+    "gemma": (Decoder, families.gemma),
+    "gemma2": (Decoder, families.gemma),
+    "gemma3_text": (Decoder, families.gemma),
     "gpt_neox": (GPTNeoX, neox_config),
 }

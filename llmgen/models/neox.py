@@ -1,17 +1,17 @@
-"""GPT-NeoX (Pythia, GPT-NeoX-20B), on the Llama module: LayerNorm with biases, rotary
+"""GPT-NeoX (Pythia, GPT-NeoX-20B), on the rotary decoder: LayerNorm with biases, rotary
 on only part of each head (``rotary_pct``), attention and MLP in parallel or one after
 the other (``use_parallel_residual``), biases on every projection, a GELU MLP that is
 not gated, and an untied output head.
 
 What differs from Llama is how the checkpoint names and lays out its tensors, so this
-module only maps the config and renames (and reorders) tensors onto the Llama module.
+module only maps the config and renames (and reorders) tensors onto the decoder.
 """
 
 from __future__ import annotations
 
 import torch
 
-from llmgen.models.llama import Llama, LlamaConfig
+from llmgen.models.decoder import Decoder, DecoderConfig
 
 # Buffers some checkpoints saved: the causal mask and rotary frequencies, not weights.
 IGNORED = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
@@ -25,7 +25,7 @@ RENAMES = {
 }
 
 
-def neox_config(cfg: dict) -> LlamaConfig:
+def neox_config(cfg: dict) -> DecoderConfig:
     """gpt_neox's config.json, old keys (``rotary_pct``, ``rotary_emb_base``) or new (``rope_parameters``)."""
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
@@ -34,7 +34,7 @@ def neox_config(cfg: dict) -> LlamaConfig:
     partial = cfg.get("rotary_pct", rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
     bias = cfg.get("attention_bias", True)
     heads = cfg["num_attention_heads"]
-    return LlamaConfig(
+    return DecoderConfig(
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
         intermediate_size=cfg.get("intermediate_size") or 4 * cfg["hidden_size"],
@@ -56,11 +56,11 @@ def neox_config(cfg: dict) -> LlamaConfig:
     )
 
 
-class GPTNeoX(Llama):
+class GPTNeoX(Decoder):
     @staticmethod
-    def rename_checkpoint(tensors: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, tuple[str, torch.Tensor]]:
-        """NeoX tensors under the Llama module's names. ``query_key_value`` interleaves
-        q, k and v per head (rows ordered head, then q/k/v, then dim); the Llama module
+    def rename_checkpoint(tensors: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, tuple[str, torch.Tensor]]:
+        """NeoX tensors under the decoder's names. ``query_key_value`` interleaves
+        q, k and v per head (rows ordered head, then q/k/v, then dim); the decoder
         stacks all of q, then k, then v, so its rows are reordered."""
         out = {}
         for name in list(tensors):
@@ -83,7 +83,7 @@ class GPTNeoX(Llama):
         return out
 
 
-def _qkv_blocks(t: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
+def _qkv_blocks(t: torch.Tensor, cfg: DecoderConfig) -> torch.Tensor:
     """(heads, 3, head_dim, ...) rows -> (3, heads, head_dim, ...): q rows, then k, then v."""
     heads, dim = cfg.num_attention_heads, cfg.dim
     if t.shape[0] != 3 * heads * dim:

@@ -1,15 +1,15 @@
-"""The Llama family (Llama 2/3, SmolLM, TinyLlama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2):
-rotary positions, RMSNorm, a SwiGLU MLP, and grouped-query attention. Qwen3 adds an
-RMSNorm over each head's queries and keys before the rotation; OLMo 2 one over the
-whole q and k projections, and puts its norms after attention and MLP instead of
-before; Phi-3 stores q/k/v and gate/up already stacked (as this module keeps them) and
-may rotate only part of each head.
+"""The rotary decoder that every family but GPT-2 runs on: rotary positions, RMSNorm,
+a gated MLP, and grouped-query attention, as in Llama, with the options other families
+need (each field of ``DecoderConfig`` says whose): q/k norms, norms after or around
+attention and MLP, LayerNorm, partial rotary, a parallel residual, soft-capping, a
+real sliding window on some layers, a second rope base.
 
-Parameter names mirror the Hugging Face checkpoint without its ``model.`` prefix, except
-that each layer's q/k/v and gate/up projections are stacked on load into ``qkv_proj`` and
-``gate_up_proj`` (see ``STACKED``). Rotary frequencies are computed from the config (they
-are not weights), in float32, exactly as transformers does, including the ``linear``
-and ``llama3`` rope scalings.
+``models/families.py`` and ``models/neox.py`` read each family's config.json into a
+``DecoderConfig``. Parameter names mirror the Hugging Face checkpoint without its
+``model.`` prefix, except that each layer's q/k/v and gate/up projections are stacked on
+load into ``qkv_proj`` and ``gate_up_proj`` (see ``STACKED``). Rotary frequencies are
+computed from the config (they are not weights), in float32, exactly as transformers
+does, including the ``linear`` and ``llama3`` rope scalings.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some old checkpoints sav
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class DecoderConfig:
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -48,7 +48,7 @@ class LlamaConfig:
     hidden_act: str = "silu"
     qk_norm: str | None = None  # RMSNorm on q and k: "head" over each head (Qwen3), "all" over the whole projection (OLMo 2)
     post_norm: bool = False  # OLMo 2: x + norm(attn(x)), then x + norm(mlp(x)), with no norm before either
-    # GPT-NeoX (models/neox.py) reuses this module with these four:
+    # GPT-NeoX:
     layer_norm: bool = False  # LayerNorm with a bias instead of RMSNorm
     partial_rotary_factor: float = 1.0  # rotate only this fraction of each head
     parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) instead of one after the other
@@ -64,59 +64,6 @@ class LlamaConfig:
     sliding_window: int | None = None  # keys at most this many positions back, on sliding_layers
     sliding_layers: tuple[int, ...] = ()
     local_rope_theta: float | None = None  # Gemma 3: the sliding layers' own (unscaled) rope base
-
-    @classmethod
-    def from_hf(cls, cfg: dict) -> LlamaConfig:
-        model_type = cfg.get("model_type")
-        heads = cfg["num_attention_heads"]
-        scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-        local = None
-        if scaling and "full_attention" in scaling:  # Gemma 3: rope parameters per layer type
-            local = scaling.get("sliding_attention", {}).get("rope_theta")
-            scaling = scaling["full_attention"]
-        rope_theta = cfg.get("rope_theta", (scaling or {}).get("rope_theta", 10000.0))
-        if scaling:
-            kind = scaling.get("rope_type", scaling.get("type", "default"))
-            if kind not in ("default", "linear", "llama3"):
-                raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
-            scaling = None if kind == "default" else tuple(sorted((k, v) for k, v in scaling.items() if not isinstance(v, (list, dict))))
-        context = cfg.get("max_position_embeddings", 2048)
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type in ("mistral", "phi3")) else None
-        if window:
-            context = min(context, window)  # within the window, sliding-window attention is full attention
-        gemma2, gemma3 = model_type == "gemma2", model_type == "gemma3_text"
-        gemma = model_type in ("gemma", "gemma2", "gemma3_text")
-        attention_bias = cfg.get("attention_bias", False)
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            max_position_embeddings=context,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=rope_theta,
-            rope_scaling=scaling,
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=attention_bias,
-            mlp_bias=cfg.get("mlp_bias", False),
-            head_dim=cfg.get("head_dim"),
-            hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act", "silu"),
-            qk_norm={"qwen3": "head", "olmo2": "all", "gemma3_text": "head"}.get(model_type),
-            norm_offset=1.0 if gemma else 0.0,
-            embed_scale=gemma,
-            sandwich_norm=gemma2 or gemma3,
-            attn_softcap=cfg.get("attn_logit_softcapping") if gemma2 or gemma3 else None,
-            final_softcap=cfg.get("final_logit_softcapping") if gemma2 or gemma3 else None,
-            query_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma2 or gemma3 else None,
-            sliding_window=cfg.get("sliding_window") if gemma2 or gemma3 else None,
-            sliding_layers=_sliding_layers(cfg) if gemma2 or gemma3 else (),
-            local_rope_theta=(local or cfg.get("rope_local_base_freq", 10000.0)) if gemma3 else None,
-            post_norm=model_type == "olmo2",
-            partial_rotary_factor=cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)),
-        )
 
     @property
     def features(self) -> list[str]:
@@ -161,21 +108,7 @@ class LlamaConfig:
         return int(self.dim * self.partial_rotary_factor)
 
 
-def _sliding_layers(cfg: dict) -> tuple[int, ...]:
-    """Which layers use the sliding window: config.json's ``layer_types`` when it has
-    them, else the family's rule: every other layer from the first (Gemma 2), or all but
-    every ``sliding_window_pattern``-th (Gemma 3, 6 by default)."""
-    every = cfg.get("sliding_window_pattern", 6) if cfg.get("model_type") == "gemma3_text" else 2
-    types = cfg.get("layer_types") or [
-        "sliding_attention" if (i + 1) % every else "full_attention" for i in range(cfg["num_hidden_layers"])
-    ]
-    unknown = set(types) - {"sliding_attention", "full_attention"}
-    if unknown:
-        raise ValueError(f"layer type {sorted(unknown)[0]!r} is not supported (supported: sliding_attention, full_attention)")
-    return tuple(i for i, kind in enumerate(types) if kind == "sliding_attention")
-
-
-def rope_inv_freq(cfg: LlamaConfig, device, local: bool = False) -> torch.Tensor:
+def rope_inv_freq(cfg: DecoderConfig, device, local: bool = False) -> torch.Tensor:
     """Rotary inverse frequencies, with the config's scaling applied (float32); ``local``:
     for Gemma 3's sliding layers, their own base and no scaling."""
     d = cfg.rotary_dim
@@ -213,7 +146,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((turned * cos + rotate_half(turned) * sin, kept), dim=-1)
 
 
-def norm(cfg: LlamaConfig, dim: int) -> nn.Module:
+def norm(cfg: DecoderConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=cfg.rms_norm_eps) if cfg.layer_norm else RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_offset)
 
 
@@ -232,7 +165,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+    def __init__(self, cfg: DecoderConfig, layer: int) -> None:
         super().__init__()
         self.layer, self.heads, self.kv_heads, self.dim = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim
         self.sizes = _stacked_rows(cfg, "qkv_proj")
@@ -300,7 +233,7 @@ def softcapped_attention(q, k, v, mask, start: int, scale: float | None, cap: fl
 class MLP(nn.Module):
     """SwiGLU: down(act(gate(x)) * up(x)); or, not gated, down(act(fc_in(x)))."""
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         if cfg.gated_mlp:
             self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)  # gate, up stacked
@@ -318,7 +251,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+    def __init__(self, cfg: DecoderConfig, layer: int) -> None:
         super().__init__()
         self.post_norm, self.parallel, self.sandwich = cfg.post_norm, cfg.parallel_residual, cfg.sandwich_norm
         self.input_layernorm = None if cfg.post_norm else norm(cfg, cfg.hidden_size)
@@ -342,10 +275,10 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Llama(nn.Module):
+class Decoder(nn.Module):
     """Same interface as ``GPT2``: ``forward(input_ids, positions, cache, attention_mask) -> logits``."""
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         if cfg.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}")
@@ -398,7 +331,7 @@ class Llama(nn.Module):
         return logits
 
     @staticmethod
-    def rename_checkpoint(tensors: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, tuple[str, torch.Tensor]]:
+    def rename_checkpoint(tensors: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, tuple[str, torch.Tensor]]:
         """Checkpoint tensors under our names, with each layer's q/k/v and gate/up stacked
         into one matrix. ``tensors`` is emptied as it is read, so each part is freed as
         soon as its stack is built and loading peaks at the weights plus one stack."""
@@ -438,7 +371,7 @@ STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_pr
 STACKED_PART = {(STACKED_IN[stacked], part): stacked for stacked, parts in STACKED.items() for part in parts}
 
 
-def _stacked_rows(cfg: LlamaConfig, stacked: str) -> tuple[int, ...]:
+def _stacked_rows(cfg: DecoderConfig, stacked: str) -> tuple[int, ...]:
     """Output sizes of the parts of a stacked projection, in stacking order."""
     if stacked == "qkv_proj":
         return cfg.num_attention_heads * cfg.dim, cfg.num_key_value_heads * cfg.dim, cfg.num_key_value_heads * cfg.dim
