@@ -60,8 +60,10 @@ class Checkpoint:
 
         return Vocabulary(self.tokenizer)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of ``text``; ``special=False`` adds no BOS/EOS of the tokenizer's own
+        (a rendered chat template already holds them, as transformers assumes)."""
+        return self.tokenizer.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

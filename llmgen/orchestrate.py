@@ -62,7 +62,7 @@ def prompt_ids(ckpt, prompt: str, truncate: str = "none", room: int = 1, chat: b
         from llmgen import chat as chats
 
         prompt = chats.render(ckpt.path, prompt, system)
-    ids = ckpt.encode(prompt)
+    ids = ckpt.encode(prompt, special=not chat)
     if not ids and ckpt.bos_token_id is not None:
         ids = [ckpt.bos_token_id]
     context = ckpt.model.cfg.context_length

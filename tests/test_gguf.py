@@ -212,3 +212,33 @@ def test_convert_round_trips_a_llama_through_gguf(tmp_path, tokenizer, qtype):
         ids = torch.tensor([ckpt.encode("The quick brown fox")])
         with torch.no_grad():
             assert torch.allclose(ckpt.model(ids), ref(ids).logits, atol=1e-4)
+
+
+def test_chat_prompt_ids_match_transformers_with_a_bos_adding_tokenizer(tmp_path, capsys):
+    """A Gemma-style template writes the BOS itself; a tokenizer that also adds one must
+    not add a second (transformers tokenizes a rendered template without special tokens),
+    and generation stops at the template's end-of-turn token."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    from checkpoints import build_gpt2, train_tokenizer
+    from llmgen import orchestrate
+    from llmgen.checkpoint import load_checkpoint
+
+    tok = train_tokenizer()
+    tok.add_special_tokens(["<bos>", "<start_of_turn>", "<end_of_turn>"])
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    build_gpt2(tmp_path, tokenizer=tok, vocab_size=tok.get_vocab_size())
+    template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+                "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<bos>"}))
+    assert main(["run", "Hi there", "--model", str(tmp_path), "--chat", "--json", "-n", "3"]) == 0
+    ours = json.loads(capsys.readouterr().out)["prompt_token_ids"]
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<bos>")
+    out = reference.apply_chat_template([{"role": "user", "content": "Hi there"}], chat_template=template,
+                                        add_generation_prompt=True, tokenize=True)
+    theirs = out["input_ids"] if hasattr(out, "keys") else out
+    assert ours == list(theirs) and ours.count(bos) == 1
+    ckpt = load_checkpoint(tmp_path, device="cpu")
+    assert tok.token_to_id("<end_of_turn>") in orchestrate.stop_ids(ckpt, chat=True)
