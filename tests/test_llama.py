@@ -19,11 +19,13 @@ CASES = {
     "llama-llama3-rope": ("llama", {"rope_scaling": LLAMA3, "rope_theta": 500000.0}),
     "qwen2-gqa-tied-bias": ("qwen2", {"tie_word_embeddings": True}),
     "mistral": ("mistral", {"sliding_window": None}),
+    # A sliding window of 4 on every layer, crossed by every prompt and continuation here.
+    "mistral-window": ("mistral", {"sliding_window": 4}),
     # Qwen3: q/k norms, and a head_dim that is not hidden/heads (24 and 8 against 64/4 = 16).
     "qwen3-gqa-tied-head-dim": ("qwen3", {"tie_word_embeddings": True, "head_dim": 24}),
     "qwen3-mha-untied-head-dim": ("qwen3", {"num_key_value_heads": 4, "head_dim": 8}),
     # Phi-3: q/k/v and gate/up stored fused; Phi-4-mini rotates 3/4 of each head.
-    "phi3-gqa-partial-rotary": ("phi3", {"partial_rotary_factor": 0.75}),
+    "phi3-gqa-partial-rotary-window": ("phi3", {"partial_rotary_factor": 0.75, "sliding_window": 5}),
     "phi3-mha-full-rotary-tied": ("phi3", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
     # OLMo 2: norms after attention and MLP, q/k norms over the whole projection.
     "olmo2-gqa-untied": ("olmo2", {}),

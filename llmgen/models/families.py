@@ -49,17 +49,22 @@ def common(cfg: dict, **family: Any) -> DecoderConfig:
 
 
 def llama(cfg: dict) -> DecoderConfig:
-    """Llama 2/3, SmolLM, TinyLlama; Mistral and Phi-3, whose sliding window is honoured by
-    capping the context at it (inside the window it is plain causal attention)."""
-    context = cfg.get("max_position_embeddings", 2048)
-    if cfg.get("use_sliding_window", cfg.get("model_type") in ("mistral", "phi3")) and cfg.get("sliding_window"):
-        context = min(context, cfg["sliding_window"])
-    return common(cfg, max_position_embeddings=context)
+    """Llama 2/3, SmolLM, TinyLlama; Mistral and Phi-3 with their sliding window."""
+    return common(cfg, **window(cfg, on_by_default=cfg.get("model_type") in ("mistral", "phi3")))
 
 
 def qwen2(cfg: dict) -> DecoderConfig:
-    """Qwen2/2.5: biases on q, k and v."""
-    return common(cfg, qkv_bias=True)
+    """Qwen2/2.5: biases on q, k and v; a sliding window only if ``use_sliding_window``."""
+    return common(cfg, qkv_bias=True, **window(cfg, on_by_default=False))
+
+
+def window(cfg: dict, on_by_default: bool) -> dict:
+    """A sliding window on every layer (Mistral, Phi-3), or on those ``layer_types`` names."""
+    size = cfg.get("sliding_window")
+    if not size or not cfg.get("use_sliding_window", on_by_default):
+        return {}
+    layers = sliding_layers(cfg, every=0) if cfg.get("layer_types") else tuple(range(cfg["num_hidden_layers"]))
+    return {"sliding_window": size, "sliding_layers": layers}
 
 
 def qwen3(cfg: dict) -> DecoderConfig:
