@@ -119,15 +119,21 @@ def gguf_config(reader) -> dict:
 
 
 def gguf_tokenizer(reader):
-    """A ``tokenizers`` byte-level BPE from the GGUF vocabulary and merges."""
+    """A ``tokenizers`` tokenizer from the GGUF vocabulary: byte-level BPE (``gpt2``) or
+    SentencePiece BPE (``llama``: Llama 2, TinyLlama, Mistral)."""
+    kind = _field(reader, "tokenizer.ggml.model")
+    builders = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
+    if kind not in builders:
+        raise ModelError(f"GGUF tokenizer type {kind!r} is not supported (supported: {', '.join(builders)})")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    return builders[kind](reader, tokens), tokens
+
+
+def _byte_level_bpe(reader, tokens):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    kind = _field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ModelError(f"GGUF tokenizer type {kind!r} is not supported yet (supported: gpt2-style BPE)")
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
     respell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)  # bytes -> GPT-2's printable letters
-    tokens = _field(reader, "tokenizer.ggml.tokens")
     vocab = {}
     for index, token in enumerate(tokens):
         spelled = token if set(token) <= alphabet else "".join(piece for piece, _ in respell.pre_tokenize_str(token))
@@ -143,9 +149,48 @@ def gguf_tokenizer(reader):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     types = _field(reader, "tokenizer.ggml.token_type") or []
-    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet]
-    tok.add_special_tokens(control)
-    return tok, tokens
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet])
+    return tok
+
+
+def _sentencepiece_bpe(reader, tokens):
+    """SentencePiece's BPE as transformers rebuilds it from a GGUF: the merges are
+    recovered from the scores (a GGUF stores none), "▁" stands for a space and starts
+    the text, bytes missing from the vocabulary fall back to ``<0xNN>`` tokens, and BOS is
+    added unless the file says not to."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {token: index for index, token in enumerate(tokens)}
+    scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+    tok = Tokenizer(models.BPE(vocab, merges_from_scores(tokens, scores), fuse_unk=True, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    )
+    types = _field(reader, "tokenizer.ggml.token_type") or []
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    if bos is not None and _field(reader, "tokenizer.ggml.add_bos_token", True):
+        bos_token = tokens[int(bos)]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, int(bos))]
+        )
+    return tok
+
+
+def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every way to split a token into
+    two tokens of the vocabulary is a merge, ranked by the merged token's score (best
+    first), then by the longer left piece, then the longer right one; ties keep
+    vocabulary order. This is the order transformers derives, so both tokenize alike."""
+    vocab = {token: index for index, token in enumerate(tokens)}
+    found = []
+    for token, score in zip(tokens, scores):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        splits.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        found += [(left, right, score) for left, right in splits]
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in found]
 
 
 def convert(

@@ -134,9 +134,11 @@ def test_bad_gguf_is_a_one_line_error(tmp_path, capsys, data):
     assert err.count("\n") == 1 and "bad.gguf" in err and "internal error" not in err
 
 
-def write_llama_gguf(path: Path, ref, tokenizer, qtype) -> None:
+def write_llama_gguf(path: Path, ref, tokenizer, qtype, sentencepiece=None) -> None:
     """A GGUF of a transformers Llama as llama.cpp writes one: its tensor names, its
-    Q/K row permutation, its metadata keys; matrices stored as ``qtype``."""
+    Q/K row permutation, its metadata keys; matrices stored as ``qtype``. The vocabulary
+    is ``tokenizer``'s byte-level BPE, or with ``sentencepiece`` (a processor) that one's
+    pieces, scores and piece types, as llama.cpp stores a Llama 2 vocabulary."""
     import gguf
     import numpy as np
 
@@ -150,14 +152,26 @@ def write_llama_gguf(path: Path, ref, tokenizer, qtype) -> None:
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    model = json.loads(tokenizer.to_str())["model"]
-    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
-    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(0)
+    if sentencepiece is None:
+        model = json.loads(tokenizer.to_str())["model"]
+        tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
+        w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(0)
+    else:
+        sp = sentencepiece
+        pieces = range(sp.get_piece_size())
+        w.add_tokenizer_model("llama")
+        w.add_token_list([sp.id_to_piece(i) for i in pieces])
+        w.add_token_scores([sp.get_score(i) for i in pieces])
+        w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in pieces])
+        w.add_bos_token_id(sp.bos_id())
+        w.add_eos_token_id(sp.eos_id())
+        w.add_unk_token_id(sp.unk_id())
+        w.add_add_bos_token(True)
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
     parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
@@ -242,3 +256,65 @@ def test_chat_prompt_ids_match_transformers_with_a_bos_adding_tokenizer(tmp_path
     assert ours == list(theirs) and ours.count(bos) == 1
     ckpt = load_checkpoint(tmp_path, device="cpu")
     assert tok.token_to_id("<end_of_turn>") in orchestrate.stop_ids(ckpt, chat=True)
+
+
+def test_sentencepiece_gguf_matches_transformers(tmp_path):
+    """A Llama 2-style GGUF (SentencePiece BPE vocabulary with byte fallback): the same
+    prompt ids and the same greedy continuation as transformers loading that GGUF."""
+    import io
+
+    import gguf
+    import sentencepiece
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from checkpoints import CORPUS, build_llama, train_tokenizer
+    from llmgen.checkpoint import load_checkpoint
+
+    proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 5), model_writer=proto, vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, minloglevel=2,
+    )
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto.getvalue())
+    ref = build_llama(tmp_path / "hf", "llama", tokenizer=train_tokenizer(), vocab_size=sp.get_piece_size(), bos_token_id=1, eos_token_id=2)
+    write_llama_gguf(tmp_path / "sp.gguf", ref, None, gguf.GGMLQuantizationType.F32, sentencepiece=sp)
+    assert main(["convert", str(tmp_path / "sp.gguf"), str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    ckpt = load_checkpoint(tmp_path / "out", device="cpu")
+    tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="sp.gguf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="sp.gguf", dtype=torch.float32).eval()
+    gen = GenerationConfig(max_new_tokens=12, eos_token_ids=(2,), sampling=SamplingConfig(temperature=0))
+    for text in ["I like cold coffee.", "  two spaces, naïve café 日本 — and Ünïcödé", "Numbers like 12 and 345", "x"]:
+        ids = ckpt.encode(text)
+        assert ids == tok(text)["input_ids"] and ids[0] == 1, text
+        assert ckpt.decode(ids) == tok.decode(ids, skip_special_tokens=True), text
+        ours = generate(ckpt.model, ids, gen, ckpt.decode)[0].token_ids
+        theirs = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=2)
+        assert ours == theirs[0, len(ids) : len(ids) + len(ours)].tolist(), text
+
+
+def test_merges_from_scores_equal_transformers():
+    """The merge order decides how text splits; it must be the order transformers derives,
+    including ties (equal scores, then longer left piece, then vocabulary order)."""
+    import random
+
+    from transformers.tokenization_utils_base import generate_merges
+
+    from llmgen.convert import merges_from_scores
+
+    rng = random.Random(0)
+    letters = "abc\u2581"
+    tokens = list(letters)
+    while len(tokens) < 120:
+        t = "".join(rng.choice(letters) for _ in range(rng.randint(2, 5)))
+        if t not in tokens:
+            tokens.append(t)
+    scores = [float(-rng.randint(0, 8)) for _ in tokens]  # many ties
+    vocab = {t: i for i, t in enumerate(tokens)}
+    assert merges_from_scores(tokens, scores) == generate_merges(vocab, dict(zip(tokens, scores)))
+    # and the order has consequences: "abc" splits ab|c or a|bc by which merge ranks first
+    from tokenizers import Tokenizer, models
+
+    small = ["a", "b", "c", "ab", "bc"]
+    for scores, expected in (([0, 0, 0, -1, -2], ["ab", "c"]), ([0, 0, 0, -2, -1], ["a", "bc"])):
+        tok = Tokenizer(models.BPE({t: i for i, t in enumerate(small)}, merges_from_scores(small, scores)))
+        assert tok.encode("abc").tokens == expected
