@@ -102,56 +102,17 @@ def beam_search(model: torch.nn.Module, prompt_ids: list[int], cfg: BeamConfig) 
     step = 0
     for step in range(max_new):
         logprobs = torch.log_softmax(logits, dim=-1)
-        scores = logprobs.clone()
-        if cfg.no_repeat_ngram_size:
-            for row, beam in enumerate(beams):
-                banned = banned_by_ngrams(prompt_ids + beam.token_ids, cfg.no_repeat_ngram_size)
-                if banned:
-                    scores[row, list(banned)] = float("-inf")
-        totals = scores + torch.tensor([b.score for b in beams], device=device)[:, None]
-        top_scores, top_flat = totals.reshape(-1).topk(keep)
-        vocab = totals.shape[-1]
-        candidates = [
-            (rank, flat // vocab, flat % vocab, total)
-            for rank, (flat, total) in enumerate(zip(top_flat.tolist(), top_scores.tolist()))
-        ]
+        totals, candidates = _top_candidates(logprobs, beams, prompt_ids, cfg.no_repeat_ngram_size, keep)
         last_step = step + 1 == max_new
         ends = [tok in eos or last_step for _, _, tok, _ in candidates]
 
         # Finished hypotheses: ending candidates among the best K, if they can still matter.
-        pool_full_and_done = len(finished) == K and cfg.early_stopping
-        nodes = {}
-        for (rank, row, tok, total), ended in zip(candidates, ends):
-            beam = beams[row]
-            if beam.score <= NEG / 2:
-                continue  # a placeholder row: never a real sequence
-            node = tree.add(beam.node, tok, logprobs[row, tok].item(), total, step + 1, "pruned")
-            nodes[rank] = node
-            if ended and rank < K and can_improve and not pool_full_and_done:
-                score = total / ((step + 1) ** cfg.length_penalty)
-                hyp = Hypothesis(
-                    beam.token_ids + [tok], beam.logprobs + [node.logprob], score, "eos" if tok in eos else "length", node.id
-                )
-                finished = sorted(finished + [hyp], key=lambda h: -h.score)[:K]
-        for hyp in finished:
-            tree.nodes[hyp.node].status = "finished"
-            tree.nodes[hyp.node].score = hyp.score
+        accepting = can_improve and not (len(finished) == K and cfg.early_stopping)
+        nodes, finished = _add_candidates(tree, beams, logprobs, candidates, ends, finished, accepting, step + 1, cfg, eos)
 
         # Next running beams: the best K candidates that did not end.
         running = [c for c, ended in zip(candidates, ends) if not ended][:K]
-        while len(running) < K:  # everything ended: pad with impossible rows
-            running.append((None, 0, 0, NEG))
-        new_beams, parents, next_tokens = [], [], []
-        for rank, row, tok, total in running:
-            parent = beams[row]
-            if rank is None or rank not in nodes:
-                new_beams.append(_Beam(parent.token_ids, parent.logprobs, NEG, parent.node))
-            else:
-                node = nodes[rank]
-                node.status = "kept"
-                new_beams.append(_Beam(parent.token_ids + [tok], parent.logprobs + [node.logprob], total, node.id))
-            parents.append(row)
-            next_tokens.append(tok)
+        new_beams, parents, next_tokens = _next_beams(beams, running, nodes, K)
         _record_alternatives(tree, beams, logprobs, totals, cfg.tree_top, step, nodes)
         beams = new_beams
 
@@ -170,6 +131,63 @@ def beam_search(model: torch.nn.Module, prompt_ids: list[int], cfg: BeamConfig) 
     if best:
         tree.best_path = tree.path_to(best[0].node)
     return BeamResult(best, tree, step + 1)
+
+
+def _top_candidates(logprobs, beams: list[_Beam], prompt_ids: list[int], no_repeat: int, keep: int):
+    """Every beam's continuations scored by cumulative log-probability (n-gram repeats
+    banned), and the best ``keep`` of all K x V as (rank, row, token, total)."""
+    scores = logprobs.clone()
+    if no_repeat:
+        for row, beam in enumerate(beams):
+            banned = banned_by_ngrams(prompt_ids + beam.token_ids, no_repeat)
+            if banned:
+                scores[row, list(banned)] = float("-inf")
+    totals = scores + torch.tensor([b.score for b in beams], device=scores.device)[:, None]  # (K, V)
+    top_scores, top_flat = totals.reshape(-1).topk(keep)
+    vocab = totals.shape[-1]
+    candidates = [
+        (rank, flat // vocab, flat % vocab, total) for rank, (flat, total) in enumerate(zip(top_flat.tolist(), top_scores.tolist()))
+    ]
+    return totals, candidates
+
+
+def _add_candidates(tree, beams, logprobs, candidates, ends, finished, accepting: bool, generated: int, cfg, eos):
+    """Record every real candidate in the tree; an ending one among the best K becomes a
+    finished hypothesis (while ``accepting``), scored sum(logprobs) / length**alpha.
+    Returns the candidates' tree nodes by rank, and the best K finished hypotheses."""
+    K, nodes = cfg.width, {}
+    for (rank, row, tok, total), ended in zip(candidates, ends):
+        beam = beams[row]
+        if beam.score <= NEG / 2:
+            continue  # a placeholder row: never a real sequence
+        node = tree.add(beam.node, tok, logprobs[row, tok].item(), total, generated, "pruned")
+        nodes[rank] = node
+        if ended and rank < K and accepting:
+            score = total / (generated**cfg.length_penalty)
+            hyp = Hypothesis(beam.token_ids + [tok], beam.logprobs + [node.logprob], score, "eos" if tok in eos else "length", node.id)
+            finished = sorted(finished + [hyp], key=lambda h: -h.score)[:K]
+    for hyp in finished:
+        tree.nodes[hyp.node].status = "finished"
+        tree.nodes[hyp.node].score = hyp.score
+    return nodes, finished
+
+
+def _next_beams(beams, running, nodes, K: int):
+    """The K beams that go on (padded with impossible rows when fewer did not end), the
+    row each continues, and the token each feeds the model next."""
+    running = running + [(None, 0, 0, NEG)] * (K - len(running))
+    new_beams, parents, next_tokens = [], [], []
+    for rank, row, tok, total in running:
+        parent = beams[row]
+        if rank is None or rank not in nodes:
+            new_beams.append(_Beam(parent.token_ids, parent.logprobs, NEG, parent.node))
+        else:
+            node = nodes[rank]
+            node.status = "kept"
+            new_beams.append(_Beam(parent.token_ids + [tok], parent.logprobs + [node.logprob], total, node.id))
+        parents.append(row)
+        next_tokens.append(tok)
+    return new_beams, parents, next_tokens
 
 
 def _record_alternatives(tree, beams, logprobs, totals, top, step, nodes) -> None:
