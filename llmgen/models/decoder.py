@@ -175,10 +175,11 @@ class Attention(nn.Module):
         q_size, k_size = (self.dim, self.dim) if cfg.qk_norm == "head" else self.sizes[:2]
         self.q_norm = norm(cfg, q_size) if cfg.qk_norm else None
         self.k_norm = norm(cfg, k_size) if cfg.qk_norm else None
-        self.window = cfg.sliding_window if layer in cfg.sliding_layers else None
         self.softcap, self.scale = cfg.attn_softcap, cfg.query_scale
 
     def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """``mask`` is this layer's (the decoder narrows it for sliding-window layers);
+        None means plain causal attention."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         if self.qk_norm == "all":
@@ -190,13 +191,10 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.kv_heads, self.dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        start = cache.length if cache is not None else 0  # the first query's slot
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if self.window:
-            mask = sliding_mask(mask, start, T, k.shape[2], self.window, x.device)
         if self.softcap:
-            y = softcapped_attention(q, k, v, mask, start, self.scale, self.softcap)
+            y = softcapped_attention(q, k, v, mask, self.scale, self.softcap)
         else:
             causal = mask is None and T > 1 and cache is None
             # Grouped-query attention: each K/V head serves a group of query heads. enable_gqa
@@ -216,16 +214,15 @@ def sliding_mask(mask: torch.Tensor | None, start: int, q_len: int, k_len: int, 
     return band if mask is None else mask & band
 
 
-def softcapped_attention(q, k, v, mask, start: int, scale: float | None, cap: float) -> torch.Tensor:
+def softcapped_attention(q, k, v, mask: torch.Tensor, scale: float | None, cap: float) -> torch.Tensor:
     """Attention whose scores are squashed to (-cap, cap) by cap * tanh(score / cap)
-    before the softmax (Gemma 2); no fused kernel does this, so it is spelled out."""
+    before the softmax (Gemma 2); no fused kernel does this, so it is spelled out.
+    ``mask`` must be given (True = may attend): there is no implicit causal mask here."""
     if k.shape[1] != q.shape[1]:  # grouped-query: repeat each K/V head for its group
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)  # (B, nh, T, keys)
     scores = torch.tanh(scores / cap) * cap
-    if mask is None:
-        mask = sliding_mask(None, start, q.shape[2], k.shape[2], k.shape[2] + 1, q.device)  # causal
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
@@ -291,6 +288,7 @@ class Decoder(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._inv_freq: dict[tuple[torch.device, bool], torch.Tensor] = {}
+        self._sliding = frozenset(cfg.sliding_layers)  # layers that see only the last sliding_window slots
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.embed_tokens.weight
@@ -319,8 +317,15 @@ class Decoder(nn.Module):
         positions = positions.expand(input_ids.shape[0], -1)
         rope = self.rotary(positions, x.dtype)
         local = self.rotary(positions, x.dtype, local=True) if self.cfg.local_rope_theta else rope
-        for block in self.layers:
-            x = block(x, *(local if block.self_attn.window else rope), cache, mask)
+        windowed = mask
+        start = cache.length if cache is not None else 0  # the first query's slot
+        if self.cfg.attn_softcap and mask is None:  # soft-capped attention takes its causal mask spelled out
+            mask = sliding_mask(None, start, T, start + T, start + T + 1, x.device)
+        if self.cfg.sliding_window and self._sliding:  # one narrowed mask for every sliding layer
+            windowed = sliding_mask(mask, start, T, start + T, self.cfg.sliding_window, x.device)
+        for i, block in enumerate(self.layers):
+            sliding = i in self._sliding
+            x = block(x, *(local if sliding else rope), cache, windowed if sliding else mask)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
