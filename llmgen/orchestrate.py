@@ -54,10 +54,10 @@ def prompt_ids(ckpt, prompt: str, truncate: str = "none", room: int = 1, chat: b
 
     With ``chat`` the prompt is first wrapped in the model's chat template. With
     ``truncate='left'`` a prompt too long for the context keeps its last tokens,
-    leaving ``room`` positions to generate into (at least one)."""
+    leaving ``room`` positions to generate into (at least one). The commands check the
+    chat options' combination (``check_chat``) before the model loads."""
     from llmgen.decoding.greedy_sample import check_prompt_fits
 
-    check_chat(chat, system)
     if chat:
         from llmgen import chat as chats
 

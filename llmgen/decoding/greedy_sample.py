@@ -104,16 +104,17 @@ def generate_batch(
     step = 0
     while live:
         next_ids = sampler.choose(logits)
-        sampler.accept(next_ids)
+        tokens = next_ids.tolist()
+        sampler.accept(tokens)
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = logprobs.gather(-1, next_ids[:, None])[:, 0].tolist()
         top = logprobs.topk(min(trace_top, logprobs.shape[-1])) if trace_top else None
         keep = []
-        for slot, (row, token) in enumerate(zip(live, next_ids.tolist())):
-            alts = ()
+        for slot, (row, token) in enumerate(zip(live, tokens)):
+            alts = None
             if top is not None:
                 alts = tuple(Candidate(t, lp) for t, lp in zip(top.indices[slot].tolist(), top.values[slot].tolist()))
-            delta = _record_token(samples[row], texts[row], token, chosen[slot], alts, stop_ids, step + 1 == limits[row], top is not None)
+            delta = _record_token(samples[row], texts[row], token, chosen[slot], alts, stop_ids, step + 1 == limits[row])
             if samples[row].finish_reason is None:
                 keep.append(slot)
             if on_text is not None and delta:
@@ -134,12 +135,12 @@ def generate_batch(
     return samples
 
 
-def _record_token(sample: Sample, text: ContinuationText, token: int, logprob: float, alts, stop_ids, at_limit: bool, trace: bool) -> str:
-    """Append one chosen token to its sample and say whether it finished; returns the
-    text that became safe to show."""
+def _record_token(sample: Sample, text: ContinuationText, token: int, logprob: float, alts, stop_ids, at_limit: bool) -> str:
+    """Append one chosen token to its sample (with its ``alts`` when tracing, else None)
+    and say whether it finished; returns the text that became safe to show."""
     sample.token_ids.append(token)
     sample.logprobs.append(logprob)
-    if trace:
+    if alts is not None:
         sample.steps.append(Step(token, logprob, alts))
     delta = ""
     if token in stop_ids:
