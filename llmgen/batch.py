@@ -212,7 +212,7 @@ def run_batches(ckpt, batches: list[list[Job]], sink: Sink, on_batch: Callable[[
 
     for jobs in batches:
         gen = jobs[0].gen
-        rows = [Row(j.prompt_ids, None if gen.sampling.greedy else j.gen.seed, j.gen.max_new_tokens) for j in jobs]
+        rows = [Row(j.prompt_ids, j.gen.seed, j.gen.max_new_tokens) for j in jobs]  # greedy rows ignore their seed
         samples = generate_batch(ckpt.model, rows, gen, ckpt.decode)
         sink.write([output_record(j, s) for j, s in zip(jobs, samples)])
         if on_batch is not None:
