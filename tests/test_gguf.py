@@ -99,7 +99,7 @@ def test_pull_then_chat_by_name(gguf_file, tmp_path, monkeypatch, capsys):
 
 
 def test_unpermute_inverts_llama_cpp():
-    from llmgen.convert import unpermute
+    from llmgen.convert.architectures import unpermute
 
     def llama_cpp_permute(w, heads):  # what llama.cpp's converter does to Q and K rows
         return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
@@ -134,85 +134,18 @@ def test_bad_gguf_is_a_one_line_error(tmp_path, capsys, data):
     assert err.count("\n") == 1 and "bad.gguf" in err and "internal error" not in err
 
 
-def write_llama_gguf(path: Path, ref, tokenizer, qtype, sentencepiece=None) -> None:
-    """A GGUF of a transformers Llama as llama.cpp writes one: its tensor names, its
-    Q/K row permutation, its metadata keys; matrices stored as ``qtype``. The vocabulary
-    is ``tokenizer``'s byte-level BPE, or with ``sentencepiece`` (a processor) that one's
-    pieces, scores and piece types, as llama.cpp stores a Llama 2 vocabulary."""
-    import gguf
-    import numpy as np
-
-    cfg = ref.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    if sentencepiece is None:
-        model = json.loads(tokenizer.to_str())["model"]
-        tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
-        w.add_tokenizer_model("gpt2")
-        w.add_token_list(tokens)
-        w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
-        w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
-        w.add_bos_token_id(0)
-        w.add_eos_token_id(0)
-    else:
-        sp = sentencepiece
-        pieces = range(sp.get_piece_size())
-        w.add_tokenizer_model("llama")
-        w.add_token_list([sp.id_to_piece(i) for i in pieces])
-        w.add_token_scores([sp.get_score(i) for i in pieces])
-        w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in pieces])
-        w.add_bos_token_id(sp.bos_id())
-        w.add_eos_token_id(sp.eos_id())
-        w.add_unk_token_id(sp.unk_id())
-        w.add_add_bos_token(True)
-    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-
-    def permute(t, heads):
-        return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
-
-    for name, tensor in ref.state_dict().items():
-        stem, leaf = name.rsplit(".", 1)
-        if stem.startswith("model.layers."):
-            layer, rest = stem[len("model.layers."):].split(".", 1)
-            gname = f"blk.{layer}.{parts[rest]}.{leaf}"
-        else:
-            gname = f"{names[stem]}.{leaf}"
-        data = tensor.detach().float().numpy()
-        if gname.endswith("attn_q.weight"):
-            data = permute(data, cfg.num_attention_heads)
-        elif gname.endswith("attn_k.weight"):
-            data = permute(data, cfg.num_key_value_heads)
-        if data.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(gname, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-        else:
-            w.add_tensor(gname, np.ascontiguousarray(data))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"])
 def test_convert_round_trips_a_llama_through_gguf(tmp_path, tokenizer, qtype):
     import gguf
     from safetensors.torch import load_file
 
     from checkpoints import build_llama
+    from gguf_writer import write_gguf
     from llmgen.checkpoint import load_checkpoint
 
     ref = build_llama(tmp_path / "hf", "llama", tokenizer=tokenizer, hidden_size=64, intermediate_size=128)
     kind = gguf.GGMLQuantizationType[qtype]
-    write_llama_gguf(tmp_path / "m.gguf", ref, tokenizer, kind)
+    write_gguf(tmp_path / "m.gguf", ref, tokenizer, kind)
     assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "out"), "--dtype", "float32"]) == 0
     ckpt = load_checkpoint(tmp_path / "out", device="cpu")
     assert ckpt.encode("I like cold coffee") == tokenizer.encode("I like cold coffee").ids
@@ -258,38 +191,57 @@ def test_chat_prompt_ids_match_transformers_with_a_bos_adding_tokenizer(tmp_path
     assert tok.token_to_id("<end_of_turn>") in orchestrate.stop_ids(ckpt, chat=True)
 
 
-def test_sentencepiece_gguf_matches_transformers(tmp_path):
-    """A Llama 2-style GGUF (SentencePiece BPE vocabulary with byte fallback): the same
-    prompt ids and the same greedy continuation as transformers loading that GGUF."""
+SENTENCEPIECE_CASES = {
+    # Llama 2, TinyLlama, Mistral: the prefix space from Metaspace.
+    "llama": ("llama", {}, ()),
+    # Phi-3: the prefix space from a normalizer, so leading spaces all survive.
+    "phi3": ("phi3", {}, ()),
+    # Gemma: no prefix space, runs of spaces stored as real spaces, merges in file order.
+    # head_dim 256 makes llama.cpp's attention scale the one transformers assumes.
+    "gemma3": ("gemma3_text", {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4}, ("  ", "   ")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SENTENCEPIECE_CASES))
+def test_sentencepiece_gguf_matches_transformers(tmp_path, case):
+    """A GGUF with a SentencePiece BPE vocabulary (byte fallback, scores, piece types):
+    the same prompt ids, the same decoded text and the same greedy continuation as
+    transformers loading that GGUF."""
     import io
 
-    import gguf
     import sentencepiece
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from checkpoints import CORPUS, build_llama, train_tokenizer
+    from gguf_writer import write_gguf
     from llmgen.checkpoint import load_checkpoint
 
+    kind, overrides, extra = SENTENCEPIECE_CASES[case]
     proto = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(CORPUS * 5), model_writer=proto, vocab_size=400, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, minloglevel=2,
     )
     sp = sentencepiece.SentencePieceProcessor(model_proto=proto.getvalue())
-    ref = build_llama(tmp_path / "hf", "llama", tokenizer=train_tokenizer(), vocab_size=sp.get_piece_size(), bos_token_id=1, eos_token_id=2)
-    write_llama_gguf(tmp_path / "sp.gguf", ref, None, gguf.GGMLQuantizationType.F32, sentencepiece=sp)
+    ref = build_llama(tmp_path / "hf", kind, tokenizer=train_tokenizer(), vocab_size=sp.get_piece_size() + len(extra),
+                      bos_token_id=1, eos_token_id=2, **overrides)
+    write_gguf(tmp_path / "sp.gguf", ref, sentencepiece=sp, extra_pieces=extra)
     assert main(["convert", str(tmp_path / "sp.gguf"), str(tmp_path / "out"), "--dtype", "float32"]) == 0
     ckpt = load_checkpoint(tmp_path / "out", device="cpu")
     tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="sp.gguf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="sp.gguf", dtype=torch.float32).eval()
     gen = GenerationConfig(max_new_tokens=12, eos_token_ids=(2,), sampling=SamplingConfig(temperature=0))
-    for text in ["I like cold coffee.", "  two spaces, naïve café 日本 — and Ünïcödé", "Numbers like 12 and 345", "x"]:
+    texts = ["I like cold coffee.", "  two spaces, naïve café 日本 — and Ünïcödé", "Numbers like 12 and 345", "x",
+             "gaps   of  three and two"]
+    for text in texts:
         ids = ckpt.encode(text)
         assert ids == tok(text)["input_ids"] and ids[0] == 1, text
         assert ckpt.decode(ids) == tok.decode(ids, skip_special_tokens=True), text
         ours = generate(ckpt.model, ids, gen, ckpt.decode)[0].token_ids
         theirs = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=2)
         assert ours == theirs[0, len(ids) : len(ids) + len(ours)].tolist(), text
+    if extra:  # a run of spaces is its stored token again ("   b" -> "▁▁" "▁b")
+        assert ckpt.encode("a   b")[2] == sp.get_piece_size()
 
 
 def test_merges_from_scores_equal_transformers():
@@ -299,7 +251,7 @@ def test_merges_from_scores_equal_transformers():
 
     from transformers.tokenization_utils_base import generate_merges
 
-    from llmgen.convert import merges_from_scores
+    from llmgen.convert.vocab import merges_from_scores
 
     rng = random.Random(0)
     letters = "abc\u2581"
