@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 from llmgen.errors import LlmgenError, ModelError
 from llmgen.models import ARCHITECTURES
-from llmgen.models.linear import pack_linears
+from llmgen.models.linear import PACK_FOR_ROWS, pack_linears
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -214,10 +214,12 @@ def _token_id(value, vocab_size: int) -> tuple[int, ...]:
 
 
 def load_checkpoint(
-    model_dir: str | os.PathLike, device: str = "auto", dtype: str = "auto", trainable: bool = False
+    model_dir: str | os.PathLike, device: str = "auto", dtype: str = "auto", trainable: bool = False,
+    rows: int = PACK_FOR_ROWS,
 ) -> Checkpoint:
     """Load a model for generation, or with ``trainable`` for training: then every weight
-    stays a dense tensor (for generation, CPU float32 projections are packed for oneDNN)."""
+    stays a dense tensor (for generation, CPU float32 projections are packed for oneDNN,
+    in the layout fastest for ``rows`` rows a decode step: 1 for a single sequence)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: not a model directory")
@@ -249,7 +251,7 @@ def load_checkpoint(
     del state  # the model holds the only reference now, so packing below frees each dense weight
     model = model.to(torch_device).eval().requires_grad_(False)
     if not trainable:
-        pack_linears(model)
+        pack_linears(model, rows)
 
     tok_path = model_dir / "tokenizer.json"
     if not tok_path.is_file():

@@ -203,7 +203,7 @@ def run(
     from llmgen import render
     from llmgen.decoding.greedy_sample import generate
 
-    ckpt = orch.load(model, device, dtype.value)
+    ckpt = orch.load(model, device, dtype.value, rows=num_samples)
     gen = orch.generation(ckpt, settings, seed=seed, num_samples=num_samples, stop=tuple(stop or ()), ignore_eos=ignore_eos, chat=chat)
     ids = orch.prompt_ids(ckpt, text, truncate.value, gen.max_new_tokens, chat, system)
 
@@ -365,7 +365,7 @@ def probs(
     text = orch.read_prompt(prompt, errors.value)
     from llmgen import render
 
-    ckpt = orch.load(model, device, dtype.value)
+    ckpt = orch.load(model, device, dtype.value, rows=1)
     gen = orch.generation(ckpt, settings, seed=seed)
     ids = orch.prompt_ids(ckpt, text, truncate.value, steps)
     dists = follow(ckpt.model, ids, gen.sampling, steps, gen.seed, gen.stop_token_ids, gen.tokens)

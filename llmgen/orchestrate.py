@@ -37,10 +37,12 @@ def _decode(data: bytes, errors: str, source: str) -> str:
         raise LlmgenError(f"{source} is not valid UTF-8 (byte {e.start}); --errors replace substitutes U+FFFD") from None
 
 
-def load(model: str | None, device: str, dtype: str):
+def load(model: str | None, device: str, dtype: str, rows: int | None = None):
+    """The model, laid out for ``rows`` sequences a decode step (None: several)."""
     from llmgen.checkpoint import default_model_dir, load_checkpoint
 
-    return load_checkpoint(default_model_dir(model), device=device, dtype=dtype)
+    extra = {} if rows is None else {"rows": rows}
+    return load_checkpoint(default_model_dir(model), device=device, dtype=dtype, **extra)
 
 
 def check_chat(chat: bool, system: str | None) -> None:
