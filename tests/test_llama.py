@@ -24,6 +24,9 @@ CASES = {
     # Qwen3: q/k norms, and a head_dim that is not hidden/heads (24 and 8 against 64/4 = 16).
     "qwen3-gqa-tied-head-dim": ("qwen3", {"tie_word_embeddings": True, "head_dim": 24}),
     "qwen3-mha-untied-head-dim": ("qwen3", {"num_key_value_heads": 4, "head_dim": 8}),
+    # Qwen's optional window, on the layers from max_window_layers on.
+    "qwen3-window-upper-layers": ("qwen3", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1,
+                                            "num_hidden_layers": 3}),
     # Phi-3: q/k/v and gate/up stored fused; Phi-4-mini rotates 3/4 of each head.
     "phi3-gqa-partial-rotary-window": ("phi3", {"partial_rotary_factor": 0.75, "sliding_window": 5}),
     "phi3-mha-full-rotary-tied": ("phi3", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
@@ -123,6 +126,42 @@ def test_stacked_projection_errors_name_the_checkpoint_tensor(tmp_path, tokenize
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelError, match=message):
         load_checkpoint(tmp_path, device="cpu")
+
+
+def test_qwen_window_layers_without_layer_types(tmp_path, tokenizer):
+    """Configs written before ``layer_types`` give the window's layers as max_window_layers."""
+    import json
+
+    build_llama(tmp_path, "qwen2", tokenizer=tokenizer, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    new = load_checkpoint(tmp_path, device="cpu").model.cfg
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["layer_types"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    old = load_checkpoint(tmp_path, device="cpu").model.cfg
+    assert old.sliding_layers == new.sliding_layers == (1,) and old.sliding_window == 4
+
+
+@pytest.mark.parametrize(("key", "value", "named"), [
+    ("hidden_activation", "relu2", "'relu2'"),
+    ("layer_types", ["chunked_attention", "full_attention"], "'chunked_attention'"),
+    ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, "'dynamic'"),
+])
+def test_unknown_feature_is_refused_by_name(tmp_path, tokenizer, capsys, key, value, named):
+    """A config asking for something llmgen does not implement is an error naming it
+    (exit 1), never a model quietly computing something else."""
+    import json
+
+    from llmgen.cli import main
+
+    build_llama(tmp_path, "gemma3_text", tokenizer=tokenizer)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("rope_parameters", None) if key == "rope_scaling" else None
+    cfg[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["run", "Hi", "--model", str(tmp_path), "-n", "1"]) == 1
+    err = capsys.readouterr().err
+    assert named in err and err.count("\n") == 1
 
 
 def test_phi3_longrope_is_refused_by_name(tmp_path, tokenizer):

@@ -24,7 +24,12 @@ from torch import nn
 from llmgen.cache import KVCache, positions_and_mask
 from llmgen.models.linear import Linear, linear
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# config.json's hidden_act names, as transformers spells them ("swish" is its alias of SiLU).
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": _tanh_gelu, "gelu_new": _tanh_gelu}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some old checkpoints saved
 
 
@@ -64,6 +69,10 @@ class DecoderConfig:
     sliding_window: int | None = None  # keys at most this many positions back, on sliding_layers
     sliding_layers: tuple[int, ...] = ()
     local_rope_theta: float | None = None  # Gemma 3: the sliding layers' own (unscaled) rope base
+
+    def __post_init__(self) -> None:
+        if self.hidden_act not in ACTIVATIONS:  # refused by name, not a KeyError mid-load
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
 
     @property
     def features(self) -> list[str]:

@@ -59,17 +59,23 @@ def qwen2(cfg: dict) -> DecoderConfig:
 
 
 def window(cfg: dict, on_by_default: bool) -> dict:
-    """A sliding window on every layer (Mistral, Phi-3), or on those ``layer_types`` names."""
+    """A sliding window on every layer (Mistral, Phi-3), or on those ``layer_types``
+    names, or (Qwen2/3 configs without ``layer_types``) on layers from
+    ``max_window_layers`` on."""
     size = cfg.get("sliding_window")
     if not size or not cfg.get("use_sliding_window", on_by_default):
         return {}
-    layers = sliding_layers(cfg, every=0) if cfg.get("layer_types") else tuple(range(cfg["num_hidden_layers"]))
+    if cfg.get("layer_types"):
+        layers = sliding_layers(cfg, every=0)
+    else:
+        layers = tuple(range(cfg.get("max_window_layers", 0), cfg["num_hidden_layers"]))
     return {"sliding_window": size, "sliding_layers": layers}
 
 
 def qwen3(cfg: dict) -> DecoderConfig:
-    """Qwen3: an RMSNorm over each head's q and k before the rotation."""
-    return common(cfg, qk_norm="head")
+    """Qwen3: an RMSNorm over each head's q and k before the rotation; a sliding window
+    only if ``use_sliding_window``, as Qwen2."""
+    return common(cfg, qk_norm="head", **window(cfg, on_by_default=False))
 
 
 def olmo2(cfg: dict) -> DecoderConfig:
