@@ -33,7 +33,7 @@ def render(model_dir: Path, prompt: str, system: str | None) -> str:
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
-        raise LlmgenError("--chat needs Jinja2: pip install 'llmgen[chat]'") from None
+        raise LlmgenError("--chat needs Jinja2: pip install 'jinja2>=3' (or, in llmgen's source tree, pip install '.[chat]')") from None
     template, config = template_of(model_dir)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 

@@ -66,7 +66,11 @@ class Checkpoint:
         return self.tokenizer.encode(text, add_special_tokens=special).ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        """Text of ``ids``, without the U+FFFD that stands for a character the last tokens
+        began but did not finish (its bytes stay in the ids; shown, it would be a
+        character that is not there, and a stream would print it before the next token
+        completed it)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
     def token_text(self, token_id: int) -> str:
         """One token as text, special tokens included (for tables and trees)."""
@@ -284,6 +288,18 @@ def load_checkpoint(
     )
 
 
+def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """``safetensors.save_file``, with the permissions of any other file we write:
+    safetensors creates its files 0600, which left a model unreadable to the group
+    and to other users that its config.json and tokenizer.json were readable by."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_checkpoint(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
@@ -292,12 +308,10 @@ def save_checkpoint(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a directory that ``load_checkpoint`` (and transformers) can load."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in model.export_checkpoint().items()}
-    save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "pt"})
+    save_weights(tensors, out_dir / WEIGHTS, metadata={"format": "pt"})
     stored = str(dtype or model.wte.weight.dtype).removeprefix("torch.")
     ids = {k: v for k, v in (generation or {}).items() if k in ("bos_token_id", "eos_token_id")}
     config = {**model.cfg.to_hf(), **ids, "torch_dtype": stored}

@@ -78,7 +78,9 @@ ModelOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(callback=_device, help="auto, cpu, cuda or cuda:N. auto picks CUDA when available.")]
 DtypeOpt = Annotated[Dtype, typer.Option(help="auto: float32 on CPU, bfloat16 on CUDA.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON records instead of text.")]
-PromptArg = Annotated[Optional[str], typer.Argument(help="Text to continue; '-' or a pipe reads stdin.", show_default=False)]
+PromptArg = Annotated[Optional[str], typer.Argument(
+    help="Text to continue; '-' or a pipe reads stdin (piped text and PROMPT together are joined).", show_default=False)]
+PromptFileOpt = Annotated[Optional[str], typer.Option("--prompt-file", "-f", help="Read the prompt from this file.", show_default=False)]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed; sample i uses seed + i. Default: random, and reported.")]
 EchoOpt = Annotated[bool, typer.Option("--echo", help="Print the prompt before the continuation.")]
 ShowTreeOpt = Annotated[bool, typer.Option("--show-tree", help="Draw the search tree.")]
@@ -173,6 +175,7 @@ def _record(prompt, prompt_ids, text, token_ids, logprobs, finish_reason, seed, 
 @with_settings("max_new_tokens", *SAMPLING)
 def run(
     prompt: PromptArg = None,
+    prompt_file: PromptFileOpt = None,
     model: ModelOpt = None,
     seed: SeedOpt = None,
     num_samples: Annotated[int, typer.Option("--num-samples", help="Independent continuations to generate.")] = 1,
@@ -198,7 +201,7 @@ def run(
 
     config.GenerationConfig(num_samples=num_samples, stop=tuple(stop or ()), seed=seed)  # checked before loading
     orch.check_chat(chat, system)
-    text = orch.read_prompt(prompt, errors.value)
+    text = orch.read_prompt(prompt, errors.value, prompt_file)
 
     from llmgen import render
     from llmgen.decoding.greedy_sample import generate
@@ -243,6 +246,7 @@ def run(
 @app.command()
 def beam(
     prompt: PromptArg = None,
+    prompt_file: PromptFileOpt = None,
     model: ModelOpt = None,
     width: Annotated[int, typer.Option("--width", "-w", help="Beams kept at each step (1 = greedy).")] = 4,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")] = 20,
@@ -270,7 +274,7 @@ def beam(
 
     cfg = BeamConfig(width, max_new_tokens, length_penalty, num_return, no_repeat_ngram_size, early_stopping, (), tree_top)
     orch.check_chat(chat, system)
-    text = orch.read_prompt(prompt, errors.value)
+    text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
     ckpt = orch.load(model, device, dtype.value)
@@ -299,6 +303,7 @@ def beam(
 @app.command()
 def exact(
     prompt: PromptArg = None,
+    prompt_file: PromptFileOpt = None,
     model: ModelOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="N: sequences end at EOS or after N tokens.")] = 5,
     max_expansions: Annotated[int, typer.Option("--max-expansions", help="Bound on partial sequences expanded; past it, optimality is not proven.")] = 2000,
@@ -319,7 +324,7 @@ def exact(
     from llmgen.decoding.exact import ExactConfig, exact_search
 
     cfg = ExactConfig(max_new_tokens=max_new_tokens, max_expansions=max_expansions)
-    text = orch.read_prompt(prompt, errors.value)
+    text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
     ckpt = orch.load(model, device, dtype.value)
@@ -343,6 +348,7 @@ def exact(
 @with_settings(*SAMPLING)
 def probs(
     prompt: PromptArg = None,
+    prompt_file: PromptFileOpt = None,
     model: ModelOpt = None,
     steps: Annotated[int, typer.Option("--steps", help="Follow the chosen token for this many steps, one table each.")] = 1,
     top: Annotated[int, typer.Option("--top", help="Rows per table.")] = 10,
@@ -362,7 +368,7 @@ def probs(
     if steps < 1 or top < 1:
         raise UsageError("--steps and --top must be >= 1")
     config.check_seed(seed)
-    text = orch.read_prompt(prompt, errors.value)
+    text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
     ckpt = orch.load(model, device, dtype.value, rows=1)
@@ -393,6 +399,7 @@ def probs(
 @with_settings(*SAMPLING)
 def compare(
     prompt: PromptArg = None,
+    prompt_file: PromptFileOpt = None,
     model: ModelOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per continuation.")] = 8,
     width: Annotated[int, typer.Option("--width", "-w", help="Beam width.")] = 4,
@@ -411,7 +418,7 @@ def compare(
 
     config.check("max_new_tokens", max_new_tokens)
     config.check_seed(seed)
-    text = orch.read_prompt(prompt, errors.value)
+    text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
     ckpt = orch.load(model, device, dtype.value)
@@ -426,7 +433,8 @@ def compare(
 
 @app.command()
 def score(
-    text: Annotated[Optional[str], typer.Argument(help="Text to score; '-' reads stdin.", show_default=False)] = None,
+    text: Annotated[Optional[str], typer.Argument(help="Text to score; '-' or a pipe reads stdin.", show_default=False)] = None,
+    prompt_file: PromptFileOpt = None,
     model: ModelOpt = None,
     errors: ErrorsOpt = Errors.strict,
     device: DeviceOpt = "auto",
@@ -439,7 +447,7 @@ def score(
     """
     from llmgen import orchestrate as orch
 
-    content = orch.read_prompt(text, errors.value)
+    content = orch.read_prompt(text, errors.value, prompt_file)
 
     from llmgen import render
     from llmgen.scoring import score as score_text
@@ -544,17 +552,17 @@ def convert(
     gguf_file: Annotated[Path, typer.Argument(metavar="MODEL.gguf", help="GGUF file to convert.")],
     output_dir: Annotated[Path, typer.Argument(metavar="OUTPUT_DIR", help="Directory to write (Hugging Face layout).")],
     dtype: Annotated[StoreDtype, typer.Option("--dtype", help="How the weights are stored.")] = StoreDtype.bfloat16,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT_DIR if it is not empty.")] = False,
 ) -> None:
     """Convert a GGUF file (llama.cpp) into a safetensors model directory that --model loads: weights dequantized, config, tokenizer, generation config and chat template rebuilt from the GGUF metadata."""
     from llmgen import render
     from llmgen.checkpoint import DTYPES
-    from llmgen.convert import convert as convert_gguf
-    from llmgen.convert import tensor_count
+    from llmgen.convert import convert_into, tensor_count
 
     if not gguf_file.is_file():
         raise LlmgenError(f"{gguf_file}: file not found")
     with render.TaskProgress("convert", tensor_count(gguf_file)) as progress:
-        cfg = convert_gguf(gguf_file, output_dir, DTYPES[dtype.value], progress.advance)
+        cfg = convert_into(gguf_file, output_dir, DTYPES[dtype.value], progress.advance, replace=force)
     render.stderr_console().print(render.converted_summary(cfg, output_dir))
 
 
@@ -653,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, prog_name="llmgen", standalone_mode=False)
         code = result if isinstance(result, int) else 0
+        if code == 130:  # Typer turns Ctrl-C into a silent Exit(130)
+            raise KeyboardInterrupt
     except UsageError as e:
         code = _fail(f"error: {e}", e.exit_code)
     except LlmgenError as e:
@@ -660,13 +670,19 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         code = _fail(f"error: {e}", e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
+        if sys.stdout.isatty():  # a reply may have stopped mid-line: end it before the message
+            _flush_or_quiet()
+            sys.stdout.write("\n")
         code = _fail("interrupted", 130)
     except (BrokenPipeError, OutputClosed):
         code = _quiet_broken_pipe()
     except Exception as e:
         if _is_parse_error(e):
             message = e.format_message()  # empty when the help was shown for a bare `llmgen`
-            return _finish(argv, _fail(f"usage error: {message} (see 'llmgen --help')", e.exit_code) if message else e.exit_code)
+            if not message:  # asking for help is not an error
+                return _finish(argv, 0)
+            where = _subcommand(argv)
+            return _finish(argv, _fail(f"usage error: {message} (see 'llmgen {where}--help')", e.exit_code))
         if _debug:
             traceback.print_exc()
         code = _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", 1)
@@ -683,6 +699,14 @@ def _finish(argv: list[str] | None, code: int) -> int:
         # output fsynced) before a command returns.
         os._exit(code)
     return code
+
+
+def _subcommand(argv: list[str] | None) -> str:
+    """The subcommand named on the command line, with a trailing space, or ''."""
+    args = sys.argv[1:] if argv is None else argv
+    name = next((a for a in args if not a.startswith("-")), None)
+    commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+    return f"{name} " if name in commands else ""
 
 
 def _is_parse_error(e: Exception) -> bool:

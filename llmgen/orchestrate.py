@@ -8,26 +8,63 @@ Nothing here prints, and nothing here parses flags: ``cli.py`` hands over plain 
 
 from __future__ import annotations
 
+import io
 import os
+import stat
 import sys
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from llmgen import config
 from llmgen.errors import LlmgenError, UsageError
 
 
-def read_prompt(prompt: str | None, errors: str = "strict") -> str:
-    """PROMPT, or stdin for ``-`` or when no PROMPT is given and stdin is a pipe.
+def read_prompt(prompt: str | None, errors: str = "strict", prompt_file: str | None = None) -> str:
+    """The prompt: PROMPT; the file of ``--prompt-file``; stdin for ``-``, or when no
+    PROMPT is given and stdin is not a terminal. Text piped in beside a PROMPT is joined
+    to it, stdin first and a space between, as ``llm`` does
+    (``cat notes.txt | llmgen run "In short:"``).
 
-    One trailing newline from stdin is dropped, as the shell does for ``$(...)``,
-    so ``echo "I like" | llmgen run`` means the prompt "I like"."""
-    if prompt is None and sys.stdin.isatty():
-        raise UsageError("missing PROMPT (give it as an argument, or '-' to read stdin)")
-    if prompt is not None and prompt != "-":
-        # Invalid bytes in argv reach Python as lone surrogates; judge them like stdin's.
-        return _decode(prompt.encode("utf-8", "surrogateescape"), errors, "PROMPT")
-    return _decode(sys.stdin.buffer.read(), errors, "stdin").removesuffix("\n")
+    One trailing newline from stdin or a file is dropped, as the shell does for ``$(...)``,
+    so ``echo "I like" | llmgen run`` means the prompt "I like". An empty stdin with no
+    PROMPT is an error (a job under cron would otherwise generate from nothing); an empty
+    prompt must be asked for, as ``""``."""
+    if prompt_file is not None:
+        if prompt is not None:
+            raise UsageError("give PROMPT or --prompt-file, not both")
+        try:
+            data = Path(prompt_file).read_bytes()
+        except OSError as e:
+            raise LlmgenError(f"{prompt_file}: cannot read the prompt file ({e.strerror})") from None
+        return _decode(data, errors, prompt_file).removesuffix("\n")
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise UsageError("missing PROMPT (give it as an argument, '-' to read stdin, or --prompt-file)")
+        text = _decode(sys.stdin.buffer.read(), errors, "stdin").removesuffix("\n")
+        if not text:
+            raise UsageError("missing PROMPT: stdin was empty (give PROMPT, or '' for an empty prompt)")
+        return text
+    if prompt == "-":
+        return _decode(sys.stdin.buffer.read(), errors, "stdin").removesuffix("\n")
+    # Invalid bytes in argv reach Python as lone surrogates; judge them like stdin's.
+    text = _decode(prompt.encode("utf-8", "surrogateescape"), errors, "PROMPT")
+    piped = _piped_stdin()
+    if piped:
+        return " ".join(t for t in (_decode(piped, errors, "stdin").removesuffix("\n"), text) if t)
+    return text
+
+
+def _piped_stdin() -> bytes | None:
+    """What a pipe or a redirected file on stdin holds; None for a terminal, /dev/null
+    or no stdin at all (a test harness, a daemon)."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+    if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)):
+        return None
+    return sys.stdin.buffer.read()
 
 
 def _decode(data: bytes, errors: str, source: str) -> str:

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llmgen.cache import pad
-from llmgen.checkpoint import DTYPES, load_checkpoint, save_checkpoint
+from llmgen.checkpoint import DTYPES, load_checkpoint, save_checkpoint, save_weights
 from llmgen.config import require
 from llmgen.errors import LlmgenError
 from llmgen.models.gpt2 import GPT2, GPT2Config
@@ -333,7 +333,7 @@ class Trainer:
                 tensors[f"optim.{names[id(p)]}.{key}"] = st[key].detach().cpu().contiguous()
             tensors[f"optim.{names[id(p)]}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
         tmp = state_dir / "state.safetensors.tmp"
-        save_file(tensors, str(tmp))
+        save_weights(tensors, tmp)
         tmp.replace(state_dir / "state.safetensors")
         meta = {"step": self.step, "last_eval": self.last_eval, "config": asdict(self.cfg)}
         (state_dir / "state.json").write_text(json.dumps(meta, indent=2))

@@ -1,9 +1,13 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Commands join piped stdin to their PROMPT: whatever pipe the harness left on fd 0 must
+# not reach the llmgen processes that tests start (they pass input= when they mean it).
+os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 
 from checkpoints import build_gpt2, build_six_word_model, train_tokenizer  # noqa: E402
 

@@ -25,7 +25,9 @@ def require_gguf():
     try:
         import gguf
     except ImportError:
-        raise LlmgenError("reading GGUF needs the gguf package: pip install 'llmgen[gguf]'") from None
+        raise LlmgenError(
+            "reading GGUF needs the gguf package: pip install 'gguf>=0.10' (or, in llmgen's source tree, pip install '.[gguf]')"
+        ) from None
     return gguf
 
 
@@ -37,7 +39,7 @@ def convert(
 ) -> dict:
     """Write the converted directory; return its config. ``on_tensor`` is called per tensor (progress)."""
     gguf = require_gguf()
-    from safetensors.torch import save_file
+    from llmgen.checkpoint import save_weights
 
     reader = open_gguf(gguf_path)
     fields = Fields(reader)
@@ -52,7 +54,7 @@ def convert(
         if on_tensor is not None:
             on_tensor(t.name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt", "source": gguf_path.name})
+    save_weights(tensors, out_dir / "model.safetensors", metadata={"format": "pt", "source": gguf_path.name})
     (out_dir / "config.json").write_text(json.dumps({**cfg, "torch_dtype": str(dtype).removeprefix("torch.")}, indent=2) + "\n")
     tokenizer.save(str(out_dir / "tokenizer.json"))
     generation = {k: cfg[k] for k in ("bos_token_id", "eos_token_id") if k in cfg}
@@ -65,6 +67,29 @@ def convert(
     source = {"file": gguf_path.name, "architecture": fields.arch,
               "name": fields.get("general.name"), "license": fields.get("general.license")}
     (out_dir / "source.json").write_text(json.dumps({k: v for k, v in source.items() if v}, indent=2) + "\n")
+    return cfg
+
+
+def convert_into(gguf_path: Path, out_dir: Path, dtype: torch.dtype, on_tensor=None, replace: bool = False) -> dict:
+    """``convert`` into ``out_dir`` as a whole: refused if it holds anything (files of
+    two models would mix) unless ``replace``; written beside it first, so an interrupted
+    conversion leaves no half-written model behind."""
+    import shutil
+
+    if out_dir.exists() and not replace and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise LlmgenError(f"{out_dir} is not empty: converting into it would mix two models (--force replaces it)")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        cfg = convert(gguf_path, partial, dtype, on_tensor)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out_dir.is_dir():
+        shutil.rmtree(out_dir)
+    elif out_dir.exists():
+        out_dir.unlink()
+    partial.rename(out_dir)
     return cfg
 
 
