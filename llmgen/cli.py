@@ -90,6 +90,9 @@ ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the mo
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System message for --chat.")]
 TreeTopOpt = Annotated[int, typer.Option("--tree-top", help="Pruned candidates drawn per node in the tree.")]
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this string appears (repeatable); it is cut from the text.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, show_default=False,
+    help="CPU threads. Default: $LLMGEN_THREADS, else the cores no other process is using right now.")]
 IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-sequence token.")]
 
 SAMPLING_PANEL = "Sampling: the flag, else the model's generation_config.json, else the default shown"
@@ -188,6 +191,7 @@ def run(
     errors: ErrorsOpt = Errors.strict,
     chat: ChatOpt = False,
     system: SystemOpt = None,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
@@ -206,7 +210,7 @@ def run(
     from llmgen import render
     from llmgen.decoding.greedy_sample import generate
 
-    ckpt = orch.load(model, device, dtype.value, rows=num_samples)
+    ckpt = orch.load(model, device, dtype.value, rows=num_samples, threads=threads)
     gen = orch.generation(ckpt, settings, seed=seed, num_samples=num_samples, stop=tuple(stop or ()), ignore_eos=ignore_eos, chat=chat)
     ids = orch.prompt_ids(ckpt, text, truncate.value, gen.max_new_tokens, chat, system)
 
@@ -261,6 +265,7 @@ def beam(
     errors: ErrorsOpt = Errors.strict,
     chat: ChatOpt = False,
     system: SystemOpt = None,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
@@ -277,7 +282,7 @@ def beam(
     text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
-    ckpt = orch.load(model, device, dtype.value)
+    ckpt = orch.load(model, device, dtype.value, threads=threads)
     cfg = replace(cfg, eos_token_ids=orch.stop_ids(ckpt, chat))
     ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens, chat, system)
     result = beam_search(ckpt.model, ids, cfg)
@@ -312,6 +317,7 @@ def exact(
     echo: EchoOpt = False,
     truncate: TruncateOpt = Truncate.none,
     errors: ErrorsOpt = Errors.strict,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
@@ -327,7 +333,7 @@ def exact(
     text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
-    ckpt = orch.load(model, device, dtype.value)
+    ckpt = orch.load(model, device, dtype.value, threads=threads)
     ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens)
     result = exact_search(ckpt.model, ids, replace(cfg, eos_token_ids=ckpt.eos_token_ids), ckpt.decode)
     continuation = ckpt.decode(result.token_ids)
@@ -355,6 +361,7 @@ def probs(
     seed: SeedOpt = None,
     truncate: TruncateOpt = Truncate.none,
     errors: ErrorsOpt = Errors.strict,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
@@ -371,7 +378,7 @@ def probs(
     text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
-    ckpt = orch.load(model, device, dtype.value, rows=1)
+    ckpt = orch.load(model, device, dtype.value, rows=1, threads=threads)
     gen = orch.generation(ckpt, settings, seed=seed)
     ids = orch.prompt_ids(ckpt, text, truncate.value, steps)
     dists = follow(ckpt.model, ids, gen.sampling, steps, gen.seed, gen.stop_token_ids, gen.tokens)
@@ -407,6 +414,7 @@ def compare(
     max_expansions: Annotated[int, typer.Option("--max-expansions", help="Budget for the exact search.")] = 2000,
     truncate: TruncateOpt = Truncate.none,
     errors: ErrorsOpt = Errors.strict,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
@@ -421,7 +429,7 @@ def compare(
     text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
-    ckpt = orch.load(model, device, dtype.value)
+    ckpt = orch.load(model, device, dtype.value, threads=threads)
     ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens)
     rows = orch.compare(ckpt, ids, {**settings, "max_new_tokens": max_new_tokens}, seed, width, max_expansions)
     if as_json:
@@ -437,6 +445,7 @@ def score(
     prompt_file: PromptFileOpt = None,
     model: ModelOpt = None,
     errors: ErrorsOpt = Errors.strict,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
@@ -452,7 +461,7 @@ def score(
     from llmgen import render
     from llmgen.scoring import score as score_text
 
-    ckpt = orch.load(model, device, dtype.value)
+    ckpt = orch.load(model, device, dtype.value, threads=threads)
     result = score_text(ckpt.model, ckpt.encode(content), ckpt.bos_token_id)
     if as_json:
         _write_json(
@@ -480,7 +489,7 @@ def info(
     from llmgen import render
     from llmgen.checkpoint import describe
 
-    facts = describe(orch.load(model, device, dtype.value))
+    facts = describe(orch.load(model, device, dtype.value, threads=threads))
     if as_json:
         _write_json(facts)
         return
@@ -503,6 +512,7 @@ def batch(
     truncate: TruncateOpt = Truncate.none,
     chat: ChatOpt = False,
     system: SystemOpt = None,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     settings: dict | None = None,
@@ -529,7 +539,7 @@ def batch(
 
     from llmgen import render
 
-    ckpt = orch.load(model, device, dtype.value)
+    ckpt = orch.load(model, device, dtype.value, threads=threads)
     base = seed if seed is not None else batching.base_seed_from(done, records)
     jobs = orch.batch_jobs(ckpt, todo, options, base if base is not None else orch.draw_seed())
     _stop_on_invalid(input_path, todo, skip_invalid)
@@ -617,6 +627,7 @@ def train(
     init: Annotated[Optional[Path], typer.Option(help="Fine-tune this checkpoint instead of training from scratch.")] = None,
     pairs: Annotated[Optional[Path], typer.Option(help="JSONL of {prompt, completion} to fine-tune on (with --init).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --output from its last save.")] = False,
+    threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train a GPT-2 model on TEXT_FILES (tokenizer too), or fine-tune one with --init and --pairs.
@@ -638,8 +649,10 @@ def train(
         raise LlmgenError(f"{output} holds an earlier run: pass --resume to continue it, or choose another --output")
 
     from llmgen import render
+    from llmgen import threads as cpu_threads
     from llmgen.checkpoint import resolve_device
 
+    cpu_threads.use(threads)
     torch_device = resolve_device(device)
     with render.TrainingProgress(cfg.steps) as progress:
         if init is not None:

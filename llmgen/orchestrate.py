@@ -74,9 +74,13 @@ def _decode(data: bytes, errors: str, source: str) -> str:
         raise LlmgenError(f"{source} is not valid UTF-8 (byte {e.start}); --errors replace substitutes U+FFFD") from None
 
 
-def load(model: str | None, device: str, dtype: str, rows: int | None = None):
-    """The model, laid out for ``rows`` sequences a decode step (None: several)."""
+def load(model: str | None, device: str, dtype: str, rows: int | None = None, threads: int | None = None):
+    """The model, laid out for ``rows`` sequences a decode step (None: several), with
+    torch set to ``threads`` threads (None: ``llmgen.threads``' default)."""
+    from llmgen import threads as cpu_threads
     from llmgen.checkpoint import default_model_dir, load_checkpoint
+
+    cpu_threads.use(threads)
 
     extra = {} if rows is None else {"rows": rows}
     return load_checkpoint(default_model_dir(model), device=device, dtype=dtype, **extra)
