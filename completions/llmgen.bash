@@ -15,6 +15,7 @@ _llmgen() {
         --seed|-s) return ;;
         --num-samples) return ;;
         --stop) return ;;
+        --separator) return ;;
         --truncate) COMPREPLY=($(compgen -W "none left" -- "$cur")); return ;;
         --errors) COMPREPLY=($(compgen -W "strict replace" -- "$cur")); return ;;
         --system) return ;;
@@ -74,7 +75,7 @@ _llmgen() {
     esac
     case "$cmd" in
         "") COMPREPLY=($(compgen -W "run beam exact probs compare score info batch convert pull list train --debug --version --help" -- "$cur")) ;;
-        run) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --seed -s --num-samples --stop --ignore-eos --echo --show-probs --show-tree --truncate --errors --chat --system --threads --device --dtype --json --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --typical-p --epsilon-cutoff --eta-cutoff --top-n-sigma --xtc-probability --xtc-threshold --dynatemp-range --dynatemp-exponent --repetition-penalty --presence-penalty --frequency-penalty --repeat-last-n --dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --no-repeat-ngram-size --min-new-tokens --bad-words --logit-bias --mirostat --mirostat-tau --mirostat-eta --samplers --help -h" -- "$cur")) ;;
+        run) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --seed -s --num-samples --stop --ignore-eos --echo --show-probs --show-tree --show-prompt --stream --separator --truncate --errors --chat --system --threads --device --dtype --json --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --typical-p --epsilon-cutoff --eta-cutoff --top-n-sigma --xtc-probability --xtc-threshold --dynatemp-range --dynatemp-exponent --repetition-penalty --presence-penalty --frequency-penalty --repeat-last-n --dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --no-repeat-ngram-size --min-new-tokens --bad-words --logit-bias --mirostat --mirostat-tau --mirostat-eta --samplers --help -h" -- "$cur")) ;;
         beam) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --width -w --max-new-tokens -n --length-penalty --num-return --no-repeat-ngram-size --early-stopping --show-tree --tree-top --echo --truncate --errors --chat --system --threads --device --dtype --json --help -h" -- "$cur")) ;;
         exact) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --max-new-tokens -n --max-expansions --show-tree --tree-top --echo --truncate --errors --threads --device --dtype --json --help -h" -- "$cur")) ;;
         probs) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --steps --top --seed -s --truncate --errors --threads --device --dtype --json --temperature -t --top-k -k --top-p -p --min-p --typical-p --epsilon-cutoff --eta-cutoff --top-n-sigma --xtc-probability --xtc-threshold --dynatemp-range --dynatemp-exponent --repetition-penalty --presence-penalty --frequency-penalty --repeat-last-n --dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --no-repeat-ngram-size --min-new-tokens --bad-words --logit-bias --mirostat --mirostat-tau --mirostat-eta --samplers --help -h" -- "$cur")) ;;

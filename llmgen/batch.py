@@ -204,7 +204,8 @@ def plan(jobs: list[Job], batch_size: int) -> list[list[Job]]:
     return batches
 
 
-def run_batches(ckpt, batches: list[list[Job]], sink: Sink, on_batch: Callable[[int, int], None] | None = None) -> None:
+def run_batches(ckpt, batches: list[list[Job]], sink: Sink, on_batch: Callable[[int, int], None] | None = None,
+                model: str = "embedded") -> None:
     """Generate batch after batch, writing each batch's records as soon as it is done.
     Jobs in one batch share their sampling config and stop rules; each keeps its own
     seed and length limit."""
@@ -214,12 +215,14 @@ def run_batches(ckpt, batches: list[list[Job]], sink: Sink, on_batch: Callable[[
         gen = jobs[0].gen
         rows = [Row(j.prompt_ids, j.gen.seed, j.gen.max_new_tokens) for j in jobs]  # greedy rows ignore their seed
         samples = generate_batch(ckpt.model, rows, gen, ckpt.decode)
-        sink.write([output_record(j, s) for j, s in zip(jobs, samples)])
+        sink.write([output_record(j, s, model) for j, s in zip(jobs, samples)])
         if on_batch is not None:
             on_batch(len(jobs), sum(len(s.token_ids) for s in samples))
 
 
-def output_record(job: Job, sample) -> dict:
+def output_record(job: Job, sample, model: str = "embedded") -> dict:
+    """The record of ``run --json``, plus where it sits in INPUT (``index``, ``id``); its
+    ``model`` and ``settings`` let any one record be replayed with ``run``."""
     rec = {"index": job.record.index}
     if job.record.id is not None:
         rec["id"] = job.record.id
@@ -231,6 +234,8 @@ def output_record(job: Job, sample) -> dict:
         logprobs=sample.logprobs,
         finish_reason=sample.finish_reason,
         seed=sample.seed,
+        model=model,
+        settings=config.effective(job.gen),
     )
     return rec
 

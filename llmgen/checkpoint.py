@@ -127,8 +127,11 @@ def describe(ckpt: Checkpoint) -> dict:
 def default_model_dir(explicit: str | None) -> Path:
     """Which model to load: ``--model``, else ``$LLMGEN_MODEL``, else the embedded model.
 
-    Either may be a directory or the name of a pulled model (``llmgen pull``)."""
+    Either may be a directory, the name of a pulled model (``llmgen pull``), or
+    ``embedded``."""
     chosen = explicit or os.environ.get("LLMGEN_MODEL")
+    if chosen == "embedded" and not Path(chosen).exists():
+        chosen = None  # the name records give the embedded model
     if chosen:
         if not Path(chosen).exists():
             from llmgen.models_cache import resolve_name

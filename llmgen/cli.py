@@ -12,7 +12,6 @@ import json
 import os
 import re
 import sys
-import time
 import traceback
 from dataclasses import replace
 from enum import Enum
@@ -187,6 +186,9 @@ def run(
     echo: EchoOpt = False,
     show_probs: Annotated[bool, typer.Option("--show-probs", help="After generating, show each step's token probability and the best alternatives.")] = False,
     show_tree: Annotated[bool, typer.Option("--show-tree", help="With --num-samples: merge the samples into one prefix tree with counts.")] = False,
+    show_prompt: Annotated[bool, typer.Option("--show-prompt", help="Print the exact prompt the model was given (chat template and special tokens included) before the continuation.")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="With --json: one JSON event per token as it is chosen, then the records.")] = False,
+    separator: Annotated[Optional[str], typer.Option("--separator", help="Written between samples in plain output (backslash escapes read). Default: a line '---'.", show_default=False)] = None,
     truncate: TruncateOpt = Truncate.none,
     errors: ErrorsOpt = Errors.strict,
     chat: ChatOpt = False,
@@ -199,7 +201,7 @@ def run(
 ) -> None:
     """Continue PROMPT. Sampling settings default to the model's generation_config.json.
 
-    Prints only the continuation (streamed on a terminal); --json prints one record per sample.
+    Prints only the continuation, streamed token by token (into a pipe too); --json prints one record per sample.
     """
     from llmgen import orchestrate as orch
 
@@ -209,42 +211,81 @@ def run(
 
     from llmgen import render
     from llmgen.decoding.greedy_sample import generate
+    from llmgen.decoding.trace import Timings, prefix_tree
 
     ckpt = orch.load(model, device, dtype.value, rows=num_samples, threads=threads)
     gen = orch.generation(ckpt, settings, seed=seed, num_samples=num_samples, stop=tuple(stop or ()), ignore_eos=ignore_eos, chat=chat)
     ids = orch.prompt_ids(ckpt, text, truncate.value, gen.max_new_tokens, chat, system)
 
     out = render.stdout_console()
-    streaming = not as_json and num_samples == 1 and render.is_terminal() and not show_tree
-    stream = render.TextStream(out) if streaming else None
-    if stream and echo:
-        stream.prompt(text)
-    started = time.perf_counter()
-    samples = generate(ckpt.model, ids, gen, ckpt.decode, on_text=stream, trace_top=6 if show_probs else 0)
-    elapsed = time.perf_counter() - started
+    shown = _shown_prompt(ckpt, text, ids, echo, show_prompt, chat)
+    streaming = not as_json and num_samples == 1 and not show_tree
+    on_token = None
+    if as_json and stream:
+        on_token = _json_events(ckpt)
+    elif streaming:
+        on_token = render.TextStream(out)
+        on_token.prompt(shown)
+    timings = Timings()
+    samples = generate(ckpt.model, ids, gen, ckpt.decode, on_token=on_token, trace_top=6 if show_probs else 0, timings=timings)
 
     if as_json:
+        extra = {"model": orch.model_label(model), "settings": config.effective(gen), "timings": timings.record()}
         for s in samples:
-            _write_json(_record(text, ids, s.text, s.token_ids, s.logprobs, s.finish_reason, s.seed))
+            steps = {"steps": render.steps_record(s, ckpt.token_text)} if show_probs else {}
+            _write_json(_record(text, ids, s.text, s.token_ids, s.logprobs, s.finish_reason, s.seed, **extra, **steps))
+        if show_tree:
+            _write_json({"event": "tree", "tree": render.prefix_tree_record(prefix_tree(samples), ckpt.token_text)})
         return
-    if stream:
-        stream.end()
+    if streaming:
+        on_token.end()
     elif show_tree:
-        from llmgen.decoding.trace import prefix_tree
-
         out.print(render.samples_tree(prefix_tree(samples), ckpt.decode, text))
     else:
+        between = _separator(separator, num_samples)
         for i, s in enumerate(samples):
             if num_samples > 1 and render.is_terminal():
                 out.print(render.sample_header(i, s.seed, s.finish_reason, len(s.token_ids)))
-            out.print((text if echo else "") + s.text, markup=False, highlight=False)
+            elif i:
+                out.file.write(between)
+            out.print(shown + s.text, markup=False, highlight=False)
+        out.file.flush()
     if show_probs:
         for s in samples:
             out.print(render.step_table(s, ckpt.token_text))
     if render.is_terminal(sys.stderr):
-        s = samples[0]
-        n = sum(len(x.token_ids) for x in samples)
-        render.stderr_console().print(render.run_summary(n, s.finish_reason, s.seed, elapsed))
+        render.stderr_console().print(render.run_summary(samples, timings))
+
+
+def _shown_prompt(ckpt, text: str, ids: list[int], echo: bool, show_prompt: bool, chat: bool) -> str:
+    """What precedes the continuation in plain output: nothing; with --echo the prompt
+    (a chat prompt on its own line, the reply below it); with --show-prompt the exact
+    text the model was given, template and special tokens included."""
+    if show_prompt:
+        return ckpt.tokenizer.decode(ids, skip_special_tokens=False)
+    if echo:
+        return text + "\n" if chat else text
+    return ""
+
+
+def _separator(value: str | None, samples: int) -> str:
+    """Written between samples in plain output: ``--separator`` with backslash escapes
+    (``\\n``, ``\\t``, ``\\0``) read, else a line of three dashes."""
+    if value is None:
+        return "---\n"
+    import codecs
+
+    return codecs.decode(value, "unicode_escape")
+
+
+def _json_events(ckpt):
+    """``--json --stream``: one event per token as it is chosen, before the records."""
+
+    def on_token(row: int, token: int, logprob: float, delta: str) -> None:
+        _write_json({"event": "token", "sample": row, "token_id": token, "token": ckpt.token_text(token),
+                     "logprob": logprob, "text": delta})
+
+    return on_token
 
 
 @app.command()
@@ -489,7 +530,7 @@ def info(
     from llmgen import render
     from llmgen.checkpoint import describe
 
-    facts = describe(orch.load(model, device, dtype.value, threads=threads))
+    facts = describe(orch.load(model, device, dtype.value))
     if as_json:
         _write_json(facts)
         return
@@ -547,7 +588,7 @@ def batch(
     if errors:
         sink.write(errors)
     with render.BatchProgress(len(todo), already=len(errors)) as progress:
-        batching.run_batches(ckpt, batching.plan(jobs, batch_size), sink, progress.update)
+        batching.run_batches(ckpt, batching.plan(jobs, batch_size), sink, progress.update, orch.model_label(model))
     sink.close()
 
 

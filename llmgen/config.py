@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from llmgen.errors import UsageError
@@ -289,6 +289,18 @@ class GenerationConfig:
     @property
     def stop_token_ids(self) -> tuple[int, ...]:
         return () if self.ignore_eos else self.eos_token_ids
+
+
+def effective(gen: GenerationConfig) -> dict[str, Any]:
+    """The settings a run used, as a record's ``settings``: ``max_new_tokens``, the
+    temperature, and every other setting that is not at its neutral default, under the
+    names a batch record takes, so the record can be replayed as is."""
+    out: dict[str, Any] = {"max_new_tokens": gen.max_new_tokens, "temperature": gen.sampling.temperature}
+    for f in fields(SamplingConfig):
+        value = getattr(gen.sampling, f.name)
+        if f.name != "temperature" and value != f.default and not (f.default_factory is not MISSING and value == f.default_factory()):
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def check_seed(seed: int | None) -> None:

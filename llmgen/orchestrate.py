@@ -86,6 +86,12 @@ def load(model: str | None, device: str, dtype: str, rows: int | None = None, th
     return load_checkpoint(default_model_dir(model), device=device, dtype=dtype, **extra)
 
 
+def model_label(model: str | None) -> str:
+    """How a record names its model, so the run can be repeated with ``--model`` that:
+    the flag as given, else ``$LLMGEN_MODEL``, else ``embedded``."""
+    return model or os.environ.get("LLMGEN_MODEL") or "embedded"
+
+
 def check_chat(chat: bool, system: str | None) -> None:
     """The chat options' combination, checked before any model loads."""
     if system is not None and not chat:

@@ -40,17 +40,20 @@ def is_terminal(stream=None) -> bool:
 
 
 class TextStream:
-    """Writes a continuation as it is generated: plain writes, flushed per delta."""
+    """Writes a continuation as it is generated, on a terminal or into a pipe: plain
+    writes, flushed as each token makes text safe to show (called as ``OnToken``)."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
 
     def prompt(self, text: str) -> None:
-        self.console.print(Text(text, style="bold"), end="")
+        if text:
+            self.console.print(Text(text, style="bold"), end="")
 
-    def __call__(self, _row: int, delta: str) -> None:
-        self.console.print(Text(delta), end="")
-        self.console.file.flush()
+    def __call__(self, _row: int, _token: int, _logprob: float, delta: str) -> None:
+        if delta:
+            self.console.print(Text(delta), end="")
+            self.console.file.flush()
 
     def end(self) -> None:
         self.console.print()
@@ -64,10 +67,50 @@ def sample_header(index: int, seed: int | None, finish_reason: str | None, n_tok
     return Text(" · ".join(parts), style="dim")
 
 
-def run_summary(n_tokens: int, finish_reason: str | None, seed: int | None, seconds: float) -> Text:
-    rate = f"{n_tokens / seconds:.1f} tok/s" if seconds > 0 else ""
-    seed_part = f"seed {seed}" if seed is not None else "greedy"
-    return Text(f"[{n_tokens} tokens · {finish_reason} · {seed_part} · {rate}]", style="dim")
+def run_summary(samples, timings) -> Text:
+    """The dim line after a run: tokens, why it ended, seeds, and llama.cpp's three
+    timings (prompt tokens/s, generation tokens/s, time to first token)."""
+    from collections import Counter
+
+    n = sum(len(s.token_ids) for s in samples)
+    reasons = Counter(s.finish_reason for s in samples)
+    ended = ", ".join(r if c == 1 and len(samples) == 1 else f"{r} ×{c}" for r, c in reasons.most_common())
+    seeds = [s.seed for s in samples if s.seed is not None]
+    if not seeds:
+        seed_part = "greedy"
+    elif len(seeds) == 1:
+        seed_part = f"seed {seeds[0]}"
+    else:
+        seed_part = f"seeds {seeds[0]}–{seeds[-1]}"
+    head = f"{len(samples)} samples · " if len(samples) > 1 else ""
+    t = timings.record()
+    rates = [f"prompt {t['prompt_tokens']} tok at {t['prompt_tokens_per_second'] or 0:,.0f} tok/s",
+             f"first token {t['first_token_seconds']:.2f} s"]
+    if t["tokens_per_second"]:
+        rates.append(f"{t['tokens_per_second']:.1f} tok/s")
+    return Text(f"[{head}{n} tokens · {ended} · {seed_part} · {' · '.join(rates)}]", style="dim")
+
+
+def steps_record(sample, token_text) -> list[dict]:
+    """``--show-probs`` in a JSON record: each step's chosen token and the best alternatives."""
+    return [
+        {"token_id": st.token_id, "token": token_text(st.token_id), "logprob": st.logprob,
+         "alternatives": [{"token_id": c.token_id, "token": token_text(c.token_id), "logprob": c.logprob} for c in st.alternatives]}
+        for st in sample.steps
+    ]
+
+
+def prefix_tree_record(node, token_text) -> dict:
+    """``--show-tree`` of samples as nested JSON: each node's tokens, how many samples
+    passed through it and ended there, its log-probability given its parent."""
+    return {
+        "token_ids": node.token_ids,
+        "text": "".join(token_text(t) for t in node.token_ids),
+        "count": node.count,
+        "ends": node.ends,
+        "logprob": node.logprob,
+        "children": [prefix_tree_record(c, token_text) for c in node.children],
+    }
 
 
 def score_table(tokens: list[str], token_ids: list[int], logprobs: list[float | None], perplexity: float | None) -> Table:

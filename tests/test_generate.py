@@ -73,13 +73,13 @@ def test_length_and_context_limit(ckpt):
     context = ckpt.model.cfg.context_length
     prompt_len = len(ckpt.encode("I like"))
     out = run(ckpt, temperature=0, max_new_tokens=10_000, ignore_eos=True)[0]
-    assert len(out.token_ids) == context - prompt_len and out.finish_reason == "length"
+    assert len(out.token_ids) == context - prompt_len and out.finish_reason == "context"
 
 
 def test_streamed_text_equals_final_text(ckpt):
     pieces = []
     gen = GenerationConfig(max_new_tokens=30, seed=5, ignore_eos=True, stop=("zz",))
-    sample = generate(ckpt.model, ckpt.encode("naïve café"), gen, ckpt.decode, on_text=lambda r, d: pieces.append(d))[0]
+    sample = generate(ckpt.model, ckpt.encode("naïve café"), gen, ckpt.decode, on_token=lambda r, t, lp, d: pieces.append(d))[0]
     assert "".join(pieces) == sample.text
 
 

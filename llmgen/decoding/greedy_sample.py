@@ -8,6 +8,7 @@ with ``--seed seed+i``, and a batch record gives the same text whatever shares i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,13 +16,14 @@ import torch
 
 from llmgen.cache import pad, positions_from_mask
 from llmgen.config import GenerationConfig
-from llmgen.decoding.trace import Candidate, Sample, Step
+from llmgen.decoding.trace import Candidate, Sample, Step, Timings
 from llmgen.errors import LlmgenError
 from llmgen.sampling import build_sampler
 from llmgen.text import ContinuationText
 
-# Called with (row, newly safe text) as a continuation grows, for streaming.
-OnText = Callable[[int, str], None]
+# Called for every chosen token with (row, token id, its logprob, the text that became
+# safe to show with it, often ""), for streaming.
+OnToken = Callable[[int, int, float, str], None]
 
 
 def check_prompt_fits(n_prompt: int, context: int) -> None:
@@ -37,14 +39,15 @@ def generate(
     prompt_ids: list[int],
     gen: GenerationConfig,
     decode: Callable[[list[int]], str],
-    on_text: OnText | None = None,
+    on_token: OnToken | None = None,
     trace_top: int = 0,
+    timings: Timings | None = None,
 ) -> list[Sample]:
     """Continue ``prompt_ids`` ``gen.num_samples`` times; ``trace_top`` > 0 records that many
-    alternatives per step."""
+    alternatives per step; ``timings``, when given, is filled in."""
     seeds = [None if gen.sampling.greedy else _need_seed(gen) + i for i in range(gen.num_samples)]
     rows = [Row(prompt_ids, seed, gen.max_new_tokens) for seed in seeds]
-    return generate_batch(model, rows, gen, decode, on_text, trace_top)
+    return generate_batch(model, rows, gen, decode, on_token, trace_top, timings)
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,9 @@ def generate_batch(
     rows: list[Row],
     gen: GenerationConfig,
     decode: Callable[[list[int]], str],
-    on_text: OnText | None = None,
+    on_token: OnToken | None = None,
     trace_top: int = 0,
+    timings: Timings | None = None,
 ) -> list[Sample]:
     """Continue several prompts at once with one sampling config.
 
@@ -78,10 +82,12 @@ def generate_batch(
     would alone. A row that finishes leaves the batch (its cache row is dropped), so
     the remaining steps cost only what the live rows need.
     """
+    started = time.perf_counter()
     context = model.cfg.context_length
     for row in rows:
         check_prompt_fits(len(row.prompt_ids), context)
     limits = [min(r.max_new_tokens, context - len(r.prompt_ids)) for r in rows]
+    ends = ["context" if context - len(r.prompt_ids) < r.max_new_tokens else "length" for r in rows]
     device = next(model.parameters()).device
     ids, mask = pad([r.prompt_ids for r in rows], left=True)
     ids, mask = ids.to(device), mask.to(device)
@@ -99,12 +105,18 @@ def generate_batch(
     cache.set_padding(mask)
     positions = positions_from_mask(mask)
     logits = model(ids, positions, cache)[:, -1].float()
+    if timings is not None:
+        _sync(device)
+        timings.prompt_tokens = sum(len(r.prompt_ids) for r in rows)
+        timings.prompt_seconds = time.perf_counter() - started
     next_pos = positions[:, -1:] + 1
     live = list(range(len(rows)))  # which original row each cache row holds
     step = 0
     while live:
         next_ids = sampler.choose(logits)
         tokens = next_ids.tolist()
+        if step == 0:
+            first = time.perf_counter()
         sampler.accept(tokens)
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = logprobs.gather(-1, next_ids[:, None])[:, 0].tolist()
@@ -114,11 +126,12 @@ def generate_batch(
             alts = None
             if top is not None:
                 alts = tuple(Candidate(t, lp) for t, lp in zip(top.indices[slot].tolist(), top.values[slot].tolist()))
-            delta = _record_token(samples[row], texts[row], token, chosen[slot], alts, stop_ids, step + 1 == limits[row])
+            at_limit = ends[row] if step + 1 == limits[row] else None
+            delta = _record_token(samples[row], texts[row], token, chosen[slot], alts, stop_ids, at_limit)
             if samples[row].finish_reason is None:
                 keep.append(slot)
-            if on_text is not None and delta:
-                on_text(row, delta)
+            if on_token is not None:
+                on_token(row, token, chosen[slot], delta)
         step += 1
         if not keep:
             break
@@ -132,12 +145,23 @@ def generate_batch(
         next_pos = next_pos + 1
     for sample, text in zip(samples, texts):
         sample.text = text.text
+    if timings is not None:
+        timings.first_token_seconds = first - started
+        timings.generated_tokens = sum(len(s.token_ids) for s in samples)
+        timings.generation_seconds = time.perf_counter() - first
     return samples
 
 
-def _record_token(sample: Sample, text: ContinuationText, token: int, logprob: float, alts, stop_ids, at_limit: bool) -> str:
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timestamp marks work done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _record_token(sample: Sample, text: ContinuationText, token: int, logprob: float, alts, stop_ids, at_limit: str | None) -> str:
     """Append one chosen token to its sample (with its ``alts`` when tracing, else None)
-    and say whether it finished; returns the text that became safe to show."""
+    and say whether it finished (``at_limit``: the finish reason if this was its last
+    allowed token); returns the text that became safe to show."""
     sample.token_ids.append(token)
     sample.logprobs.append(logprob)
     if alts is not None:
@@ -150,7 +174,7 @@ def _record_token(sample: Sample, text: ContinuationText, token: int, logprob: f
         if stopped:
             sample.finish_reason = "stop"
     if sample.finish_reason is None and at_limit:
-        sample.finish_reason = "length"
+        sample.finish_reason = at_limit
     if sample.finish_reason is not None:
         delta += text.flush()
     return delta

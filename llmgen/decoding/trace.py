@@ -27,7 +27,8 @@ class Step:
 
 @dataclass
 class Sample:
-    """One generated continuation. ``finish_reason`` is ``eos``, ``length`` or ``stop``."""
+    """One generated continuation. ``finish_reason`` is ``eos``, ``stop``, ``length``
+    (``max_new_tokens`` reached) or ``context`` (the model's context ran out first)."""
 
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -39,6 +40,33 @@ class Sample:
     @property
     def logprob(self) -> float:
         return sum(self.logprobs)
+
+
+@dataclass
+class Timings:
+    """Where one generate call's time went, as llama.cpp reports it: the prompt's
+    prefill, the wait for the first token, and the rest of the generation."""
+
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0  # prefill, every row's prompt
+    first_token_seconds: float = 0.0  # from the call to the first chosen token
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0  # after the first token to the end
+
+    def record(self) -> dict:
+        def rate(n: int, seconds: float) -> float | None:
+            return round(n / seconds, 2) if seconds > 0 else None
+
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_seconds": round(self.prompt_seconds, 4),
+            "prompt_tokens_per_second": rate(self.prompt_tokens, self.prompt_seconds),
+            "first_token_seconds": round(self.first_token_seconds, 4),
+            "generated_tokens": self.generated_tokens,
+            "generation_seconds": round(self.generation_seconds, 4),
+            # after the first token, as llama.cpp's eval rate: the first is in first_token_seconds
+            "tokens_per_second": rate(self.generated_tokens - 1, self.generation_seconds),
+        }
 
 
 @dataclass
