@@ -144,10 +144,13 @@ def draw_seed() -> int:
 def generation(ckpt, settings: dict[str, Any], record: dict[str, Any] | None = None, *, seed: int | None = None,
                num_samples: int = 1, stop: tuple[str, ...] = (), ignore_eos: bool = False, chat: bool = False) -> config.GenerationConfig:
     """The settings resolved once: ``record`` > ``settings`` (flags) > the model's
-    generation_config > llmgen's defaults; a seed drawn if sampling needs one."""
+    generation_config > llmgen's defaults; a seed drawn if sampling needs one. A chat
+    reply runs to its end of turn: unless something above sets ``max_new_tokens``, it is
+    the whole context (generation stops at the end of turn, or where the context ends)."""
     from llmgen.sampling import resolve_tokens
 
-    values = config.layer(record, settings, ckpt.generation_defaults)
+    chat_default = {"max_new_tokens": ckpt.model.cfg.context_length} if chat else None
+    values = config.layer(record, settings, ckpt.generation_defaults, chat_default)
     sampling = config.SamplingConfig.from_values(values)
     if seed is None and not sampling.greedy:
         seed = draw_seed()

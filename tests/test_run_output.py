@@ -111,3 +111,24 @@ def test_the_summary_of_several_samples_covers_them_all():
     line = run_summary(samples, Timings(2, 0.01, 0.02, 5, 0.1)).plain
     assert "3 samples" in line and "5 tokens" in line and "length ×2" in line and "eos ×1" in line and "seeds 7–9" in line
     assert "first token 0.02 s" in line and "40.0 tok/s" in line
+
+
+def test_a_chat_reply_runs_to_its_end_of_turn_by_default(tmp_path, capsys):
+    """Not 50 tokens: the room left in the context, unless a flag (or generation_config) says otherwise."""
+    from checkpoints import build_gpt2, train_tokenizer
+    from llmgen.checkpoint import load_checkpoint
+
+    tok = train_tokenizer()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    build_gpt2(tmp_path, tokenizer=tok, vocab_size=tok.get_vocab_size())
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    context = load_checkpoint(tmp_path, device="cpu").model.cfg.context_length
+    assert main(["run", "Hi", "--model", str(tmp_path), "--chat", "--json", "--seed", "1"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["settings"]["max_new_tokens"] == context
+    assert rec["finish_reason"] == "eos" or len(rec["prompt_token_ids"]) + len(rec["token_ids"]) == context
+    assert main(["run", "Hi", "--model", str(tmp_path), "--chat", "--json", "-n", "3", "--ignore-eos"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 3
+    assert main(["run", "Hi", "--model", str(tmp_path), "--json", "--seed", "1"]) == 0  # not a chat: llmgen's 50
+    assert json.loads(capsys.readouterr().out)["settings"]["max_new_tokens"] == 50
