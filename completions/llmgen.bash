@@ -6,7 +6,7 @@ _llmgen() {
     cmd=""
     for ((i = 1; i < COMP_CWORD; i++)); do
         case "${COMP_WORDS[i]}" in
-            run|beam|exact|probs|compare|score|info|batch|convert|pull|list|train) cmd="${COMP_WORDS[i]}"; break ;;
+            run|beam|exact|probs|compare|score|info|batch|convert|pull|rm|list|train) cmd="${COMP_WORDS[i]}"; break ;;
         esac
     done
     case "$prev" in
@@ -74,7 +74,7 @@ _llmgen() {
         --pairs) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     case "$cmd" in
-        "") COMPREPLY=($(compgen -W "run beam exact probs compare score info batch convert pull list train --debug --version --help" -- "$cur")) ;;
+        "") COMPREPLY=($(compgen -W "run beam exact probs compare score info batch convert pull rm list train --debug --version --help" -- "$cur")) ;;
         run) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --seed -s --num-samples --stop --ignore-eos --echo --show-probs --show-tree --show-prompt --stream --separator --truncate --errors --chat --system --threads --device --dtype --json --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --typical-p --epsilon-cutoff --eta-cutoff --top-n-sigma --xtc-probability --xtc-threshold --dynatemp-range --dynatemp-exponent --repetition-penalty --presence-penalty --frequency-penalty --repeat-last-n --dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --no-repeat-ngram-size --min-new-tokens --bad-words --logit-bias --mirostat --mirostat-tau --mirostat-eta --samplers --help -h" -- "$cur")) ;;
         beam) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --width -w --max-new-tokens -n --length-penalty --num-return --no-repeat-ngram-size --early-stopping --show-tree --tree-top --echo --truncate --errors --chat --system --threads --device --dtype --json --help -h" -- "$cur")) ;;
         exact) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --max-new-tokens -n --max-expansions --show-tree --tree-top --echo --truncate --errors --threads --device --dtype --json --help -h" -- "$cur")) ;;
@@ -84,7 +84,8 @@ _llmgen() {
         info) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --device --dtype --json --help -h" -- "$cur")) ;;
         batch) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--output -o --model -m --batch-size -b --seed -s --stop --ignore-eos --shard --overwrite --skip-invalid --truncate --chat --system --threads --device --dtype --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --typical-p --epsilon-cutoff --eta-cutoff --top-n-sigma --xtc-probability --xtc-threshold --dynatemp-range --dynatemp-exponent --repetition-penalty --presence-penalty --frequency-penalty --repeat-last-n --dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --no-repeat-ngram-size --min-new-tokens --bad-words --logit-bias --mirostat --mirostat-tau --mirostat-eta --samplers --help -h" -- "$cur")) || COMPREPLY=($(compgen -f -- "$cur")) ;;
         convert) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--dtype --force --help -h" -- "$cur")) || COMPREPLY=($(compgen -f -- "$cur")) ;;
-        pull) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--dtype --help -h" -- "$cur")) || COMPREPLY=($(compgen -W "smollm2" -- "$cur")) ;;
+        pull) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--dtype --force --help -h" -- "$cur")) || COMPREPLY=($(compgen -W "smollm2" -- "$cur")) ;;
+        rm) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--help -h" -- "$cur")) || COMPREPLY=($(compgen -W "smollm2" -- "$cur")) ;;
         list) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--available --json --help -h" -- "$cur")) ;;
         train) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--output -o --preset --steps --batch-size --context --lr --vocab-size --layers --dim --heads --bf16 --no-bf16 --seed -s --init --pairs --resume --no-resume --threads --device --help -h" -- "$cur")) || COMPREPLY=($(compgen -f -- "$cur")) ;;
     esac

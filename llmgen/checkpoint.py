@@ -124,6 +124,10 @@ def describe(ckpt: Checkpoint) -> dict:
     }
 
 
+def embedded_dir() -> Path:
+    return Path(__file__).parent / "assets" / "default-model"
+
+
 def default_model_dir(explicit: str | None) -> Path:
     """Which model to load: ``--model``, else ``$LLMGEN_MODEL``, else the embedded model.
 
@@ -139,8 +143,14 @@ def default_model_dir(explicit: str | None) -> Path:
             named = resolve_name(chosen)
             if named is not None:
                 return named
+            if os.sep not in chosen and "/" not in chosen:  # a name, not a path: say which exist
+                from llmgen.models_cache import nearest
+
+                close = nearest(chosen)
+                hint = f"did you mean {close!r}? " if close else ""
+                raise ModelError(f"no model directory or pulled model named {chosen!r} ({hint}see `llmgen list`)")
         return Path(chosen)
-    embedded = Path(__file__).parent / "assets" / "default-model"
+    embedded = embedded_dir()
     if (embedded / "config.json").is_file():
         return embedded
     raise ModelError("no model given: pass --model DIR or set LLMGEN_MODEL to a model directory")

