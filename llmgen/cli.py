@@ -358,6 +358,8 @@ def exact(
     echo: EchoOpt = False,
     truncate: TruncateOpt = Truncate.none,
     errors: ErrorsOpt = Errors.strict,
+    chat: ChatOpt = False,
+    system: SystemOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
@@ -371,12 +373,13 @@ def exact(
     from llmgen.decoding.exact import ExactConfig, exact_search
 
     cfg = ExactConfig(max_new_tokens=max_new_tokens, max_expansions=max_expansions)
+    orch.check_chat(chat, system)
     text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
     ckpt = orch.load(model, device, dtype.value, threads=threads)
-    ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens)
-    result = exact_search(ckpt.model, ids, replace(cfg, eos_token_ids=ckpt.eos_token_ids), ckpt.decode)
+    ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens, chat, system)
+    result = exact_search(ckpt.model, ids, replace(cfg, eos_token_ids=orch.stop_ids(ckpt, chat)), ckpt.decode)
     continuation = ckpt.decode(result.token_ids)
     if as_json:
         _write_json(
@@ -402,6 +405,8 @@ def probs(
     seed: SeedOpt = None,
     truncate: TruncateOpt = Truncate.none,
     errors: ErrorsOpt = Errors.strict,
+    chat: ChatOpt = False,
+    system: SystemOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
@@ -416,12 +421,13 @@ def probs(
     if steps < 1 or top < 1:
         raise UsageError("--steps and --top must be >= 1")
     config.check_seed(seed)
+    orch.check_chat(chat, system)
     text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
     ckpt = orch.load(model, device, dtype.value, rows=1, threads=threads)
-    gen = orch.generation(ckpt, settings, seed=seed)
-    ids = orch.prompt_ids(ckpt, text, truncate.value, steps)
+    gen = orch.generation(ckpt, settings, seed=seed, chat=chat)
+    ids = orch.prompt_ids(ckpt, text, truncate.value, steps, chat, system)
     dists = follow(ckpt.model, ids, gen.sampling, steps, gen.seed, gen.stop_token_ids, gen.tokens)
     if as_json:
         for d in dists:
@@ -455,6 +461,8 @@ def compare(
     max_expansions: Annotated[int, typer.Option("--max-expansions", help="Budget for the exact search.")] = 2000,
     truncate: TruncateOpt = Truncate.none,
     errors: ErrorsOpt = Errors.strict,
+    chat: ChatOpt = False,
+    system: SystemOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
@@ -467,12 +475,13 @@ def compare(
 
     config.check("max_new_tokens", max_new_tokens)
     config.check_seed(seed)
+    orch.check_chat(chat, system)
     text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
     ckpt = orch.load(model, device, dtype.value, threads=threads)
-    ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens)
-    rows = orch.compare(ckpt, ids, {**settings, "max_new_tokens": max_new_tokens}, seed, width, max_expansions)
+    ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens, chat, system)
+    rows = orch.compare(ckpt, ids, {**settings, "max_new_tokens": max_new_tokens}, seed, width, max_expansions, chat)
     if as_json:
         for r in rows:
             _write_json({"prompt": text, "prompt_token_ids": ids, **r})

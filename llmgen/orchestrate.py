@@ -163,17 +163,20 @@ def generation(ckpt, settings: dict[str, Any], record: dict[str, Any] | None = N
 # ---------------------------------------------------------------- compare
 
 
-def compare(ckpt, ids: list[int], settings: dict[str, Any], seed: int | None, width: int, max_expansions: int) -> list[dict]:
+def compare(ckpt, ids: list[int], settings: dict[str, Any], seed: int | None, width: int, max_expansions: int,
+            chat: bool = False) -> list[dict]:
     """Greedy, beam, exact and one sample for the same prompt and length, each with its
-    total log-probability under the model. The sample uses the sampling settings
-    (temperature 1 and no top-k when they would make it greedy)."""
+    total log-probability under the model; with ``chat`` each also ends at the end of
+    turn. The sample uses the sampling settings; when they would make it greedy (``-t 0``)
+    it samples at temperature 1 with no top-k instead, and its label says so."""
     from llmgen.decoding.beam import BeamConfig, beam_search
     from llmgen.decoding.exact import ExactConfig, exact_search
     from llmgen.decoding.greedy_sample import generate
 
-    sampled = generation(ckpt, settings, seed=seed)
-    n, eos = sampled.max_new_tokens, ckpt.eos_token_ids
-    if sampled.sampling.greedy:
+    sampled = generation(ckpt, settings, seed=seed, chat=chat)
+    n, eos = sampled.max_new_tokens, sampled.eos_token_ids
+    asked_greedy = sampled.sampling.greedy
+    if asked_greedy:
         sampled = replace(sampled, sampling=replace(sampled.sampling, temperature=1.0, top_k=0), seed=sampled.seed or 0)
     greedy = replace(sampled, sampling=config.SamplingConfig(temperature=0), seed=None)
     g = generate(ckpt.model, ids, greedy, ckpt.decode)[0]
@@ -185,7 +188,8 @@ def compare(ckpt, ids: list[int], settings: dict[str, Any], seed: int | None, wi
         {"strategy": "greedy", "token_ids": g.token_ids, "logprob": g.logprob},
         {"strategy": f"beam (width {width})", "token_ids": b.token_ids, "logprob": b.logprob},
         {"strategy": "exact", "token_ids": e.token_ids, "logprob": e.logprob, "note": note},
-        {"strategy": sample_label(sampled.sampling), "token_ids": s.token_ids, "logprob": s.logprob, "note": f"seed {s.seed}"},
+        {"strategy": sample_label(sampled.sampling), "token_ids": s.token_ids, "logprob": s.logprob,
+         "note": f"seed {s.seed}" + ("; -t 0 is the greedy row, so T=1 here" if asked_greedy else "")},
     ]
     for r in rows:
         r["text"] = ckpt.decode(r["token_ids"])

@@ -338,9 +338,11 @@ def compare_table(rows: list[dict]) -> Table:
     table.add_column("tokens", justify="right")
     table.add_column("logprob", justify="right")
     table.add_column("note", style="dim")
-    best = max((r["logprob"] for r in rows), default=0.0)
+    top = max(rows, key=lambda r: r["logprob"], default=None)
     for r in rows:
-        style = "bold green" if math.isclose(r["logprob"], best, abs_tol=1e-6) else ""
+        # the same tokens are the same sequence, though two searches sum its logprob in a different order
+        best = top is not None and (r["token_ids"] == top["token_ids"] or math.isclose(r["logprob"], top["logprob"], abs_tol=1e-6))
+        style = "bold green" if best else ""
         table.add_row(r["strategy"], token_label(r["text"]), str(len(r["token_ids"])), f"{r['logprob']:.3f}", r.get("note", ""), style=style)
     return table
 

@@ -162,3 +162,18 @@ def assert_logits_match(ref, ckpt, prompts: list[str], atol: float = 1e-4) -> No
             expected = ref(ids).logits
         got = ckpt.model(ids)
         assert torch.allclose(got, expected, atol=atol, rtol=0), (prompt, (got - expected).abs().max())
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_chat_model(path: Path, template: str = CHATML):
+    """A tiny GPT-2 whose tokenizer knows ChatML's markers, with that chat template."""
+    import json
+
+    tok = train_tokenizer()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    model = build_gpt2(path, tokenizer=tok, vocab_size=tok.get_vocab_size())
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return model
