@@ -543,7 +543,10 @@ def info(
     if as_json:
         _write_json(facts)
         return
-    render.stdout_console().print(render.info_table(facts))
+    if render.is_terminal():
+        render.stdout_console().print(render.info_table(facts))
+    else:
+        sys.stdout.write(render.info_lines(facts))
 
 
 @app.command()

@@ -364,17 +364,46 @@ class BatchProgress(_StderrBar):
         self.progress.update(self.task, advance=records, rate=f"{rate:,.0f}")
 
 
+INFO_KEYS = ("path", "source", "architecture", "family", "features", "parameters", "layers", "vocab_size",
+             "tokenizer_vocab_size", "context_length", "dtype", "device", "eos_token_ids", "bos_token_id",
+             "generation_defaults", "files")
+
+
+def info_rows(facts: dict) -> list[tuple[str, str]]:
+    """``llmgen info`` as (label, text) pairs: numbers with separators, lists joined,
+    settings as ``name=value``."""
+    rows = []
+    for key in INFO_KEYS:
+        value = facts[key]
+        if key == "features":
+            text = ", ".join(value) or "—"
+        elif key == "generation_defaults":
+            text = ", ".join(f"{k}={v}" for k, v in value.items()) or "— (llmgen's defaults)"
+        elif key == "files":
+            text = ", ".join(f"{name} ({_size(size)})" for name, size in value.items())
+        elif key == "eos_token_ids":
+            text = ", ".join(str(i) for i in value) or "—"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            text = f"{value:,}"
+        else:
+            text = "—" if value is None else str(value)
+        rows.append((key.replace("_", " "), text))
+    return rows
+
+
 def info_table(facts: dict) -> Table:
+    """On a terminal: the rows aligned, long values wrapped under their column."""
     table = Table(show_header=False, box=None, padding=(0, 2))
-    table.add_column(style="bold")
-    table.add_column()
-    for key in ("source", "architecture", "family", "features", "parameters", "layers", "vocab_size", "tokenizer_vocab_size",
-                "context_length", "dtype", "device", "eos_token_ids", "bos_token_id", "generation_defaults"):
-        value = ", ".join(facts[key]) or "—" if key == "features" else facts[key]
-        table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
-    files = ", ".join(f"{name} ({_size(size)})" for name, size in facts["files"].items())
-    table.add_row("files", files)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for label, text in info_rows(facts):
+        table.add_row(label, text)
     return table
+
+
+def info_lines(facts: dict) -> str:
+    """In a pipe: one ``label: value`` line each, nothing padded or wrapped."""
+    return "".join(f"{label}: {text}\n" for label, text in info_rows(facts))
 
 
 def _size(n: int) -> str:

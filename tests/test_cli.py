@@ -172,8 +172,10 @@ def test_info(cli, gpt2_dir):
     assert code == 0 and facts["architecture"] == "gpt2" and facts["context_length"] == 128
     assert facts["parameters"] == sum(p.numel() for p in gpt2_dir[1].parameters()) - 0  # tied head counted once
     assert "model.safetensors" in facts["files"] and facts["vocab_size"] == facts["tokenizer_vocab_size"]
-    code, out, _ = cli("info")
-    assert code == 0 and "parameters" in out and "context length" in out
+    code, out, _ = cli("info")  # in a pipe: label: value lines, nothing padded, no Python reprs
+    assert code == 0 and "parameters: " in out and "context length: 128" in out
+    assert all(line == line.rstrip() for line in out.splitlines()) and "{" not in out
+    assert f"path: {gpt2_dir[0]}" in out
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
