@@ -211,6 +211,7 @@ complete -c llmgen -n '__fish_seen_subcommand_from batch' -l ignore-eos -d 'Keep
 complete -c llmgen -n '__fish_seen_subcommand_from batch' -l shard -x -d 'I/N: only records whose index is I mod N.'
 complete -c llmgen -n '__fish_seen_subcommand_from batch' -l overwrite -d 'Replace OUTPUT instead of resuming it.'
 complete -c llmgen -n '__fish_seen_subcommand_from batch' -l skip-invalid -d 'Write an error record for a malformed input record and go on.'
+complete -c llmgen -n '__fish_seen_subcommand_from batch' -l ordered -d 'Write records in input order (each waits for the ones before it).'
 complete -c llmgen -n '__fish_seen_subcommand_from batch' -l truncate -x -a 'none left' -d 'A prompt too long for the context: \'none\' is an error, \'left\' keeps its last tokens that fit.'
 complete -c llmgen -n '__fish_seen_subcommand_from batch' -l chat -d 'Wrap the prompt in the model\'s chat template; stop at its end-of-turn token.'
 complete -c llmgen -n '__fish_seen_subcommand_from batch' -l system -x -d 'System message for --chat.'

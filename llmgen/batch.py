@@ -156,16 +156,29 @@ def base_seed_from(done: dict[int, dict], records: list[InputRecord]) -> int | N
 
 
 class Sink:
-    """Appends JSON lines and flushes after each batch, so a kill loses at most one batch."""
+    """Appends JSON lines and flushes after each batch, so a kill loses at most one batch.
 
-    def __init__(self, path: Path | None) -> None:
+    With ``order`` (the indices to expect, in input order) a record is held until every
+    one before it has been written, so the output reads in input order; a kill then
+    loses what was held, which the next run regenerates."""
+
+    def __init__(self, path: Path | None, order: list[int] | None = None) -> None:
         self.path = path
+        self.order, self.held, self.next = order, {}, 0
         try:
             self.stream = open(path, "a", encoding="utf-8") if path else None
         except OSError as e:
             raise LlmgenError(f"{path}: cannot write output ({e.strerror or e})") from None
 
     def write(self, records: list[dict]) -> None:
+        if self.order is not None:
+            self.held.update((r["index"], r) for r in records)
+            records = []
+            while self.next < len(self.order) and self.order[self.next] in self.held:
+                records.append(self.held.pop(self.order[self.next]))
+                self.next += 1
+            if not records:
+                return
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         if self.stream is None:
             sys.stdout.write(text)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import time
 import traceback
 from dataclasses import replace
 from enum import Enum
@@ -552,7 +553,7 @@ def info(
 @app.command()
 @with_settings("max_new_tokens", *SAMPLING)
 def batch(
-    input_path: Annotated[str, typer.Argument(metavar="INPUT", help="Prompts: a text file (one per line) or JSONL (.jsonl) of {prompt, id?, seed?, and any sampling setting by name, e.g. top_p}; '-' is stdin.")],
+    input_path: Annotated[Optional[str], typer.Argument(metavar="[INPUT]", show_default=False, help="Prompts: a text file (one per line) or JSONL (.jsonl) of {prompt, id?, seed?, and any sampling setting by name, e.g. top_p}; '-' or no INPUT reads stdin.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL to append to (resumable). Default: stdout.")] = None,
     model: ModelOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts generated together.")] = 16,
@@ -562,6 +563,7 @@ def batch(
     shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: only records whose index is I mod N.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT instead of resuming it.")] = False,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Write an error record for a malformed input record and go on.")] = False,
+    ordered: Annotated[bool, typer.Option("--ordered", help="Write records in input order (each waits for the ones before it).")] = False,
     truncate: TruncateOpt = Truncate.none,
     chat: ChatOpt = False,
     system: SystemOpt = None,
@@ -579,6 +581,10 @@ def batch(
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if input_path is None:
+        if sys.stdin.isatty():
+            raise UsageError("missing INPUT (a file of prompts, or pipe them in)")
+        input_path = "-"
     config.GenerationConfig(stop=tuple(stop or ()), seed=seed)  # checked before loading
     orch.check_chat(chat, system)
     options = orch.BatchOptions(settings, seed, tuple(stop or ()), ignore_eos, truncate.value, chat, system)
@@ -588,20 +594,36 @@ def batch(
     _stop_on_invalid(input_path, mine, skip_invalid)
     done = batching.load_existing(output, records, overwrite) if output else {}
     todo = [r for r in mine if r.index not in done]
-    sink = batching.Sink(output)  # fails now, before the model loads, if OUTPUT is unwritable
+    # fails now, before the model loads, if OUTPUT is unwritable
+    sink = batching.Sink(output, [r.index for r in todo] if ordered else None)
 
     from llmgen import render
 
+    if not todo:
+        render.stderr_console().print(render.batch_summary(len(mine), len(mine) - len(todo), 0, 0, 0.0, output))
+        sink.close()
+        return
+
     ckpt = orch.load(model, device, dtype.value, threads=threads)
+    started = time.perf_counter()  # the summary's rate is generation's, not loading's
     base = seed if seed is not None else batching.base_seed_from(done, records)
     jobs = orch.batch_jobs(ckpt, todo, options, base if base is not None else orch.draw_seed())
     _stop_on_invalid(input_path, todo, skip_invalid)
     errors = [batching.error_record(r) for r in todo if r.error is not None]
     if errors:
         sink.write(errors)
+    tokens = 0
+
+    def on_batch(records: int, generated: int) -> None:
+        nonlocal tokens
+        tokens += generated
+        progress.update(records, generated)
+
     with render.BatchProgress(len(todo), already=len(errors)) as progress:
-        batching.run_batches(ckpt, batching.plan(jobs, batch_size), sink, progress.update, orch.model_label(model))
+        batching.run_batches(ckpt, batching.plan(jobs, batch_size), sink, on_batch, orch.model_label(model))
     sink.close()
+    render.stderr_console().print(render.batch_summary(
+        len(mine), len(mine) - len(todo), len(todo), tokens, time.perf_counter() - started, output, errors=len(errors)))
 
 
 def _stop_on_invalid(input_path: str, records, skip_invalid: bool) -> None:

@@ -347,6 +347,21 @@ def compare_table(rows: list[dict]) -> Table:
     return table
 
 
+def batch_summary(total: int, already: int, done: int, tokens: int, seconds: float, output, errors: int = 0) -> Text:
+    """The line every batch run ends with: what was there, what was added, how fast, where."""
+    where = str(output) if output else "stdout"
+    if done == 0:
+        return Text(f"batch: all {total} records already in {where}; nothing to do")
+    parts = [f"batch: {done} record{'s' * (done != 1)} written to {where}"]
+    if already:
+        parts.append(f"resumed: {already} of {total} were already there")
+    if errors:
+        parts.append(f"{errors} invalid (error records)")
+    rate = f" ({tokens / seconds:,.1f} tok/s)" if seconds > 0 else ""
+    parts.append(f"{tokens:,} tokens in {seconds:.1f} s{rate}")
+    return Text(" · ".join(parts), style="dim")
+
+
 class BatchProgress(_StderrBar):
     """Records done, tokens/s and ETA while a batch file runs."""
 

@@ -166,3 +166,24 @@ def test_unwritable_output_fails_before_loading(tmp_path, capsys):
 def test_bad_shard_is_a_usage_error(tmp_path, shard):
     (tmp_path / "a.txt").write_text("I like\n")
     assert main(["batch", str(tmp_path / "a.txt"), "--shard", shard]) == 2
+
+
+def test_stdin_ordered_and_the_closing_summary(tmp_path, gpt2_dir):
+    """No INPUT reads stdin; --ordered writes input order though batches run by length;
+    every run ends with a summary line, and a finished run says there is nothing to do."""
+    prompts = ["a much longer prompt than the others, by far", "I like", "The quick brown fox jumps", "x"]
+    cmd = [sys.executable, "-m", "llmgen", "batch", "--model", str(gpt2_dir[0]), "-n", "3", "-b", "2", "--seed", "1"]
+    ordered = subprocess.run(cmd + ["--ordered"], input="\n".join(prompts).encode(), capture_output=True)
+    assert ordered.returncode == 0, ordered.stderr
+    assert [json.loads(line)["index"] for line in ordered.stdout.splitlines()] == [0, 1, 2, 3]
+    assert b"batch: 4 records written to stdout" in ordered.stderr and b"tokens in" in ordered.stderr
+    plain = subprocess.run(cmd, input="\n".join(prompts).encode(), capture_output=True)
+    unordered = [json.loads(line)["index"] for line in plain.stdout.splitlines()]
+    assert sorted(unordered) == [0, 1, 2, 3] and unordered != [0, 1, 2, 3]  # shortest prompts batch first
+    inp, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(prompts) + "\n")
+    assert main(["batch", str(inp), "-o", str(out), "--model", str(gpt2_dir[0]), "-n", "3", "--ordered"]) == 0
+    first = out.read_text()
+    assert [json.loads(line)["index"] for line in first.splitlines()] == [0, 1, 2, 3]
+    done = subprocess.run(cmd + [str(inp), "-o", str(out)], capture_output=True)
+    assert b"all 4 records already in" in done.stderr and out.read_text() == first
