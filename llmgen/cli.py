@@ -743,6 +743,12 @@ def train(
         raise UsageError("--init and --pairs go together (fine-tuning); give both or neither")
     if init is None and not text_files:
         raise UsageError("give TEXT_FILES to train on, or --init DIR --pairs FILE to fine-tune")
+    done = training.finished(output)
+    if done is not None:
+        if not resume:
+            raise LlmgenError(f"{output} holds a finished model ({done['steps']} steps): choose another --output")
+        sys.stderr.write(f"llmgen: {output} is already trained ({done['steps']} of {done['config']['steps']} steps); nothing to resume\n")
+        return
     if (output / training.STATE_DIR).exists() and not resume:
         raise LlmgenError(f"{output} holds an earlier run: pass --resume to continue it, or choose another --output")
 

@@ -12,7 +12,7 @@ import sys
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
@@ -150,16 +150,25 @@ class _StderrBar:
 
 
 class TrainingProgress(_StderrBar):
-    """Step, loss, eval loss, tokens/s and ETA; on a non-terminal, a plain line at every
-    evaluation instead."""
+    """Step, elapsed time, loss, eval loss, tokens/s and ETA; on a non-terminal, a plain
+    line at every evaluation instead. Narrow terminals drop the bar, then tokens/s and
+    the eval loss, never the step counter or the times."""
 
-    def __init__(self, steps: int) -> None:
-        super().__init__(
-            "train", steps,
-            TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}  {task.fields[rate]} tok/s"),
-            TextColumn("ETA"), TimeRemainingColumn(),
-            loss="-", eval="-", rate="-",
-        )
+    def __init__(self, steps: int, console: Console | None = None) -> None:
+        self.console = console or stderr_console()
+        width = self.console.width
+        fields = "loss {task.fields[loss]}"
+        if width >= 70:
+            fields += "  eval {task.fields[eval]}"
+        if width >= 90:
+            fields += "  {task.fields[rate]} tok/s"
+        columns = [TextColumn("[bold]train"), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn(fields),
+                   TextColumn("ETA"), TimeRemainingColumn()]
+        if width >= 110:
+            columns.insert(1, BarColumn(bar_width=20))
+        self.live = self.console.is_terminal
+        self.progress = Progress(*columns, console=self.console, disable=not self.live)
+        self.task = self.progress.add_task("train", total=steps, loss="-", eval="-", rate="-")
 
     def update(self, p) -> None:
         fields = {"loss": f"{p.loss:.3f}", "rate": f"{p.tokens_per_second:,.0f}"}

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -316,9 +317,12 @@ class Trainer:
 
     def finish(self, record: dict, tokenizer: Tokenizer, generation: dict) -> TrainResult:
         """Write the training record, and the checkpoint once every step is done."""
-        if self.step >= self.cfg.steps:
+        done = self.step >= self.cfg.steps
+        if done:
             save_checkpoint(self.model, tokenizer, self.out_dir, generation, DTYPES[self.cfg.save_dtype])
         _write_record(self.out_dir, record)
+        if done:  # a finished model directory holds the model, not the optimizer's moments
+            shutil.rmtree(self.out_dir / STATE_DIR, ignore_errors=True)
         return TrainResult(self.out_dir, self.step, record["initial_eval_loss"], record["final_eval_loss"], record)
 
     # -- resumable state: weights and optimizer moments in safetensors, counters in JSON (no pickle)
@@ -468,6 +472,15 @@ def finetune(
         "final_eval_loss": final,
     }
     return trainer.finish(record, tok, {"bos_token_id": base.bos_token_id, "eos_token_id": list(base.eos_token_ids) or pad})
+
+
+def finished(out_dir: Path) -> dict | None:
+    """The training record of a run in ``out_dir`` that completed every step, else None."""
+    record = _read_record(out_dir)
+    steps = record.get("config", {}).get("steps")
+    if steps and record.get("steps", 0) >= steps and (out_dir / "config.json").is_file():
+        return record
+    return None
 
 
 def _record_path(out_dir: Path) -> Path:

@@ -80,9 +80,39 @@ def test_resume_after_interruption_reaches_the_same_step_and_weights(tmp_path, c
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-def test_cli_refuses_to_overwrite_a_run_without_resume(trained, corpus, capsys):
-    code = main(["train", str(corpus), "--output", str(trained.out_dir), "--preset", "tiny", "--steps", "5"])
+def test_cli_refuses_to_overwrite_a_run_without_resume(tmp_path, corpus, capsys):
+    pretrain([corpus], tmp_path / "run", CFG, CPU, stop_after=20)  # unfinished: its state waits for --resume
+    code = main(["train", str(corpus), "--output", str(tmp_path / "run"), "--preset", "tiny", "--steps", "5"])
     assert code == 1 and "--resume" in capsys.readouterr().err
+
+
+def test_a_finished_run_keeps_no_state_and_is_not_resumed(trained, corpus, capsys):
+    """The model directory holds the model, not the optimizer; --resume says there is
+    nothing to do instead of reprinting the run as if it had trained."""
+    from llmgen.train import STATE_DIR
+
+    assert not (trained.out_dir / STATE_DIR).exists()
+    before = (trained.out_dir / "model.safetensors").stat().st_mtime_ns
+    argv = ["train", str(corpus), "--output", str(trained.out_dir), "--preset", "tiny"]
+    assert main(argv + ["--resume"]) == 0
+    assert "already trained" in capsys.readouterr().err
+    assert main(argv) == 1 and "finished model" in capsys.readouterr().err
+    assert (trained.out_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("width", [50, 80, 120])
+def test_training_progress_keeps_the_step_and_the_times_at_any_width(width):
+    from rich.console import Console
+
+    from llmgen.render import TrainingProgress
+
+    console = Console(width=width, record=True, force_terminal=True, color_system=None)
+    bar = TrainingProgress(1000, console)
+    bar.progress.update(bar.task, completed=120, loss="3.456", eval="3.789", rate="12,345")
+    console.print(bar.progress.make_tasks_table(bar.progress.tasks))
+    line = console.export_text().rstrip("\n")
+    assert "120/1000" in line and "0:00:00" in line and "loss 3.456" in line and "ETA" in line
+    assert len(line) <= width and "…" not in line
 
 
 def test_cli_train_flags_are_validated(corpus, tmp_path, capsys):
