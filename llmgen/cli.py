@@ -30,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -95,7 +96,8 @@ ThreadsOpt = Annotated[Optional[int], typer.Option(
     help="CPU threads. Default: $LLMGEN_THREADS, else the cores no other process is using right now.")]
 IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-sequence token.")]
 
-SAMPLING_PANEL = "Sampling: the flag, else the model's generation_config.json, else the default shown"
+SAMPLING_NOTE = ("Each sampling setting comes from its flag, else the model's generation_config.json, "
+                 "else the default shown (`llmgen info` lists the model's).")
 
 
 def _setting_option(setting: config.Setting):
@@ -103,7 +105,7 @@ def _setting_option(setting: config.Setting):
     names = [config.flag_name(setting.name)] + ([setting.short] if setting.short else [])
     kind = list[setting.kind] if setting.many else setting.kind
     default = "" if setting.many or setting.default is None else f" Default: {setting.default:g}."
-    return Annotated[Optional[kind], typer.Option(*names, help=setting.help + default, rich_help_panel=SAMPLING_PANEL, show_default=False)]
+    return Annotated[Optional[kind], typer.Option(*names, help=setting.help + default, show_default=False)]
 
 
 def with_settings(*names: str):
@@ -127,6 +129,7 @@ def with_settings(*names: str):
             return command(*args, settings=settings, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=params)
+        wrapper.__doc__ = inspect.cleandoc(command.__doc__ or "") + "\n\n" + SAMPLING_NOTE
         return wrapper
 
     return decorate
@@ -403,7 +406,7 @@ def probs(
     model: ModelOpt = None,
     steps: Annotated[int, typer.Option("--steps", help="Follow the chosen token for this many steps, one table each.")] = 1,
     top: Annotated[int, typer.Option("--top", help="Rows per table.")] = 10,
-    seed: SeedOpt = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Seed of the draw that picks each followed token (with --steps). Default: random, and reported.")] = None,
     truncate: TruncateOpt = Truncate.none,
     errors: ErrorsOpt = Errors.strict,
     chat: ChatOpt = False,
@@ -458,7 +461,7 @@ def compare(
     model: ModelOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per continuation.")] = 8,
     width: Annotated[int, typer.Option("--width", "-w", help="Beam width.")] = 4,
-    seed: SeedOpt = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Seed of the sampled row. Default: random, and reported.")] = None,
     max_expansions: Annotated[int, typer.Option("--max-expansions", help="Budget for the exact search.")] = 2000,
     truncate: TruncateOpt = Truncate.none,
     errors: ErrorsOpt = Errors.strict,
@@ -553,7 +556,7 @@ def info(
 @app.command()
 @with_settings("max_new_tokens", *SAMPLING)
 def batch(
-    input_path: Annotated[Optional[str], typer.Argument(metavar="[INPUT]", show_default=False, help="Prompts: a text file (one per line) or JSONL (.jsonl) of {prompt, id?, seed?, and any sampling setting by name, e.g. top_p}; '-' or no INPUT reads stdin.")] = None,
+    input_path: Annotated[Optional[str], typer.Argument(metavar="INPUT", show_default=False, help="Prompts: a text file (one per line) or JSONL (.jsonl) of {prompt, id?, seed?, and any sampling setting by name, e.g. top_p}; '-' or no INPUT reads stdin.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL to append to (resumable). Default: stdout.")] = None,
     model: ModelOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts generated together.")] = 16,
@@ -771,12 +774,51 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+TYPE_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT", Path: "PATH"}
+
+
+def command():
+    """The click command tree, with Click's help conventions where Typer 0.29 writes its
+    own: INTEGER, FLOAT, TEXT, PATH or [a|b] after an option (not <int>, <list[str]>),
+    nothing after a flag, and arguments in capitals, [OPTIONAL] and REQUIRED alike in
+    usage lines (not [prompt] beside {INPUT})."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for cmd in [group, *group.commands.values()]:
+        for param in cmd.params:
+            if param.param_type_name == "argument":
+                _argument_conventions(param)
+            elif not getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = _option_metavar(param)
+    return group
+
+
+def _option_metavar(param) -> str:
+    desc = param.type_descriptor
+    if desc.is_choice:
+        return "[" + "|".join(str(getattr(c, "value", c)) for c in desc.choices) + "]"
+    annotation = desc.annotation
+    while getattr(annotation, "__args__", None):  # Optional[list[str]] -> str
+        annotation = next(a for a in annotation.__args__ if a is not type(None))
+    return TYPE_NAMES.get(annotation, "TEXT")
+
+
+def _argument_conventions(param) -> None:
+    name = param.metavar or param.name.upper()
+    param.metavar = name
+    shown = name if param.required else f"[{name}]"
+    shown += "..." if param.nargs != 1 else ""
+    param._usage_display_name = lambda: shown  # Typer wraps required ones in {braces}
+    param.display_type_rich = lambda ctx: None  # the name says it; no <str> beside it
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps every failure to one line on stderr and an exit code (0, 1, 2)."""
     global _debug
     _debug = _debug or bool(os.environ.get("LLMGEN_DEBUG"))
     try:
-        result = app(args=argv, prog_name="llmgen", standalone_mode=False)
+        result = command()(args=argv, prog_name="llmgen", standalone_mode=False)
         code = result if isinstance(result, int) else 0
         if code == 130:  # Typer turns Ctrl-C into a silent Exit(130)
             raise KeyboardInterrupt
@@ -795,8 +837,11 @@ def main(argv: list[str] | None = None) -> int:
         code = _quiet_broken_pipe()
     except Exception as e:
         if _is_parse_error(e):
-            message = e.format_message()  # empty when the help was shown for a bare `llmgen`
-            if not message:  # asking for help is not an error
+            message = e.format_message()
+            if type(e).__name__ == "NoArgsIsHelpError":  # a bare `llmgen` asks for help, not an error
+                sys.stdout.write(message + "\n")
+                return _finish(argv, 0)
+            if not message:
                 return _finish(argv, 0)
             where = _subcommand(argv)
             return _finish(argv, _fail(f"usage error: {message} (see 'llmgen {where}--help')", e.exit_code))

@@ -14,13 +14,12 @@ import sys
 from enum import Enum
 from pathlib import Path
 
-import typer.main
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llmgen import __version__  # noqa: E402
-from llmgen.cli import app  # noqa: E402
+from llmgen.cli import command  # noqa: E402
 from llmgen.models_cache import catalog  # noqa: E402
 
 MODEL_NAMES = " ".join(sorted(catalog()))
@@ -55,12 +54,12 @@ EXAMPLES = [
 
 
 def commands() -> list:
-    group = typer.main.get_command(app)
+    group = command()
     return [group.commands[name] for name in group.commands]
 
 
 def root_options() -> list:
-    return [p for p in typer.main.get_command(app).params if p.param_type_name == "option"]
+    return [p for p in command().params if p.param_type_name == "option"]
 
 
 def options(cmd) -> list:

@@ -5,6 +5,7 @@ permissions, converting into a directory that is not empty."""
 import json
 import os
 import pty
+import re
 import select
 import signal
 import stat
@@ -141,3 +142,36 @@ def test_saved_checkpoints_are_readable_like_their_other_files(tmp_path):
     save_checkpoint(GPT2(GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=16, n_embd=8, n_layer=1, n_head=2)), tok,
                     tmp_path / "m")
     assert _mode(tmp_path / "m" / "model.safetensors") == _mode(tmp_path / "m" / "config.json")
+
+
+def _help(*args) -> str:
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main([*args, "--help"]) == 0
+    return buf.getvalue()
+
+
+def test_help_follows_click_conventions():
+    """INTEGER/FLOAT/TEXT/PATH after options, nothing after flags, defaults shown, and
+    usage lines with arguments in capitals (Typer 0.29 wrote <int>, <bool>, {INPUT})."""
+    from llmgen.cli import command
+
+    for name in command().commands:
+        text = _help(name)
+        assert not re.search(r"<(int|str|bool|float|list\[str\]|path)[^>]*>", text), name
+        usage = text.splitlines()[0]
+        assert "{" not in usage and not re.search(r"\[[a-z_]+\]", usage.replace("[OPTIONS]", "")), usage
+    run = _help("run")
+    assert "--num-samples INTEGER" in run and "[default: 1]" in run and "-t, --temperature FLOAT" in run
+    assert re.search(r"--echo\s{2,}Print", run) and "--stop TEXT" in run and "--truncate [none|left]" in run
+    assert "Usage: llmgen run [OPTIONS] [PROMPT]" in run
+    assert "Usage: llmgen batch [OPTIONS] [INPUT]" in _help("batch")
+    assert "Usage: llmgen train [OPTIONS] [TEXT_FILES]..." in _help("train")
+
+
+def test_each_command_describes_its_own_seed():
+    seeds = {name: re.sub(r"\s+", " ", _help(name).split("--seed", 1)[1].split("\n  -", 1)[0]) for name in ("run", "probs", "compare")}
+    assert len(set(seeds.values())) == 3 and "sample i" not in seeds["probs"] + seeds["compare"]
