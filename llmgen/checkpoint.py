@@ -10,6 +10,8 @@ Every problem a user can cause is a ``ModelError`` naming the file or tensor at 
 
 from __future__ import annotations
 
+import codecs
+import functools
 import json
 import os
 from contextlib import contextmanager
@@ -73,8 +75,50 @@ class Checkpoint:
         return self.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
     def token_text(self, token_id: int) -> str:
-        """One token as text, special tokens included (for tables and trees)."""
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        """One token as text, special tokens included (for tables and trees). A token
+        holding part of a character shows its bytes as ``<0xF0>`` rather than U+FFFD,
+        so two such tokens are told apart."""
+        text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text
+        raw = self._token_bytes(token_id)
+        return text if raw is None else raw.decode("utf-8", errors="llmgen-hex")
+
+    def _token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes a token stands for: a byte-level BPE piece through GPT-2's byte
+        alphabet, a SentencePiece ``<0xNN>`` byte token, or None if neither."""
+        import re
+
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None:
+            return None
+        if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):
+            return bytes([int(m.group(1), 16)])
+        alphabet = _byte_alphabet()
+        if all(c in alphabet for c in piece):
+            return bytes(alphabet[c] for c in piece)
+        return None
+
+
+def _hex_bytes(error: UnicodeDecodeError) -> tuple[str, int]:
+    return "".join(f"<0x{b:02X}>" for b in error.object[error.start : error.end]), error.end
+
+
+codecs.register_error("llmgen-hex", _hex_bytes)
+
+
+@functools.cache
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 # model_type -> the family a person would name

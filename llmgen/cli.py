@@ -244,7 +244,7 @@ def run(
     if streaming:
         on_token.end()
     elif show_tree:
-        out.print(render.samples_tree(prefix_tree(samples), ckpt.decode, text))
+        out.print(render.samples_tree(prefix_tree(samples), ckpt.decode, text), soft_wrap=False)
     else:
         between = _separator(separator, num_samples)
         for i, s in enumerate(samples):
@@ -256,7 +256,7 @@ def run(
         out.file.flush()
     if show_probs:
         for s in samples:
-            out.print(render.step_table(s, ckpt.token_text))
+            out.print(render.step_table(s, ckpt.token_text), soft_wrap=False)
     if render.is_terminal(sys.stderr):
         render.stderr_console().print(render.run_summary(samples, timings))
 
@@ -343,7 +343,8 @@ def beam(
         return
     out = render.stdout_console()
     if show_tree:
-        out.print(render.search_tree(result.tree, ckpt.token_text, text, f"beam search, width {width}", tree_top))
+        out.print(render.search_tree(result.tree, ckpt.token_text, text, f"beam search, width {width}", tree_top), soft_wrap=False)
+        out.print(render.tree_legend("beam"), soft_wrap=False)
     for i, h in enumerate(hyps):
         if len(hyps) > 1 or show_tree:
             out.print(render.hypothesis_header(i, h.logprob, h.score, h.finish_reason))
@@ -393,7 +394,8 @@ def exact(
         return
     out = render.stdout_console()
     if show_tree:
-        out.print(render.search_tree(result.tree, ckpt.token_text, text, "exact search", tree_top, bound_all=True))
+        out.print(render.search_tree(result.tree, ckpt.token_text, text, "exact search", tree_top, bound_all=True), soft_wrap=False)
+        out.print(render.tree_legend("exact"), soft_wrap=False)
     out.print((text if echo else "") + continuation, markup=False, highlight=False)
     render.stderr_console().print(render.exact_summary(result, max_expansions))
 
@@ -448,8 +450,12 @@ def probs(
         return
     out = render.stdout_console()
     context = text
+    shown = {t for d in dists for t in sorted(range(len(d.raw)), key=lambda i: -d.raw[i])[:top] + [d.chosen]}
+    token_width = max(len(render.token_label(ckpt.token_text(t))) + 2 for t in shown)
+    origin = orch.settings_origin(ckpt, settings, gen) + (f" · seed {gen.seed}" if gen.seed is not None else "")
     for d in dists:
-        out.print(render.distribution_table(d, ckpt.token_text, top, f"after {render.token_label(context[-60:])}", out.width))
+        title = f"after {render.token_label(context[-60:])}"
+        out.print(render.distribution_table(d, ckpt.token_text, top, title, out.width, token_width, origin), soft_wrap=False)
         context += ckpt.token_text(d.chosen)
 
 
@@ -490,7 +496,8 @@ def compare(
         for r in rows:
             _write_json({"prompt": text, "prompt_token_ids": ids, **r})
         return
-    render.stdout_console().print(render.compare_table(rows))
+    out = render.stdout_console()
+    out.print(render.compare_table(rows, out.width), soft_wrap=False)
 
 
 @app.command()
@@ -528,7 +535,7 @@ def score(
         )
         return
     tokens = [ckpt.token_text(t) for t in result.token_ids]
-    render.stdout_console().print(render.score_table(tokens, result.token_ids, result.logprobs, result.perplexity))
+    render.stdout_console().print(render.score_table(tokens, result.token_ids, result.logprobs, result.perplexity), soft_wrap=False)
 
 
 @app.command()
@@ -707,7 +714,7 @@ def list_models(
         for row in rows:
             _write_json(row)
         return
-    render.stdout_console().print(render.models_table(rows, available))
+    render.stdout_console().print(render.models_table(rows, available), soft_wrap=False)
 
 
 @app.command()

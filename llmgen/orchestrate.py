@@ -127,6 +127,23 @@ def prompt_ids(ckpt, prompt: str, truncate: str = "none", room: int = 1, chat: b
     return ids
 
 
+def settings_origin(ckpt, settings: dict[str, Any], gen: config.GenerationConfig) -> str:
+    """The settings in effect (as ``config.effective`` lists them) and where each came
+    from: ``temperature=0.7 (flag) · top_p=0.95 (generation_config)``."""
+    parts = []
+    for name, value in config.effective(gen).items():
+        if name == "max_new_tokens":
+            continue
+        if settings.get(name) is not None:
+            source = "flag"
+        elif ckpt.generation_defaults.get(name) is not None:
+            source = "generation_config"
+        else:
+            source = "default"
+        parts.append(f"{name}={value} ({source})")
+    return " · ".join(parts)
+
+
 def stop_ids(ckpt, chat: bool) -> tuple[int, ...]:
     """The model's EOS ids; with ``chat``, its end-of-turn tokens too."""
     if not chat:

@@ -11,6 +11,7 @@ import math
 import sys
 import time
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -113,18 +114,25 @@ def prefix_tree_record(node, token_text) -> dict:
     }
 
 
+def logprob_text(lp: float) -> str:
+    """A log-probability that never reads as a signed zero: four decimals, or two
+    significant digits when it is closer to 0 than 1e-4."""
+    return f"{lp:.4f}" if lp == 0 or abs(lp) >= 1e-4 else f"{lp:.1e}"
+
+
 def score_table(tokens: list[str], token_ids: list[int], logprobs: list[float | None], perplexity: float | None) -> Table:
+    """Each token of the text (numbered from 1, as in every view), its id, logprob and probability."""
     table = Table(title=f"perplexity {perplexity:.3f}" if perplexity is not None else None, title_justify="left")
-    table.add_column("#", justify="right", style="dim")
-    table.add_column("token")
-    table.add_column("id", justify="right", style="dim")
-    table.add_column("logprob", justify="right")
-    table.add_column("prob", justify="right")
-    for i, (tok, tid, lp) in enumerate(zip(tokens, token_ids, logprobs)):
+    table.add_column("#", justify="right", style="dim", no_wrap=True)
+    table.add_column("token", no_wrap=True)
+    table.add_column("id", justify="right", style="dim", no_wrap=True)
+    table.add_column("logprob", justify="right", no_wrap=True)
+    table.add_column("prob", justify="right", no_wrap=True)
+    for i, (tok, tid, lp) in enumerate(zip(tokens, token_ids, logprobs), 1):
         if lp is None:
-            table.add_row(str(i), repr(tok), str(tid), "—", "(no context)")
+            table.add_row(str(i), token_label(tok), str(tid), "—", "(no context)")
         else:
-            table.add_row(str(i), repr(tok), str(tid), f"{lp:.4f}", f"{math.exp(lp):.4f}")
+            table.add_row(str(i), token_label(tok), str(tid), logprob_text(lp), prob_text(math.exp(lp)))
     return table
 
 
@@ -198,8 +206,17 @@ STATUS_STYLE = {"kept": "bold", "pruned": "dim", "finished": "bold cyan", "root"
 
 
 def token_label(text: str) -> str:
-    """A token as a quoted literal, so leading spaces and newlines are visible."""
-    return json.dumps(text, ensure_ascii=False)
+    """A token as a quoted literal, the one way every view shows tokens: leading spaces
+    and newlines visible, and characters that draw nothing (zero-width, non-breaking and
+    other unusual spaces, format controls) escaped as ``\\uXXXX``."""
+    quoted = json.dumps(text, ensure_ascii=False)
+    return "".join(f"\\u{ord(c):04x}" if _invisible(c) else c for c in quoted)
+
+
+def _invisible(c: str) -> bool:
+    import unicodedata
+
+    return c != " " and unicodedata.category(c) in ("Zs", "Zl", "Zp", "Cf", "Cc")
 
 
 def search_tree(tree, token_text, prompt: str, title: str, top: int | None = None, bound_all: bool = False) -> Tree:
@@ -214,18 +231,24 @@ def search_tree(tree, token_text, prompt: str, title: str, top: int | None = Non
     best = set(tree.best_path)
     root = Tree(Text.assemble((title + " ", "dim"), (token_label(prompt), "bold")), guide_style="dim")
 
-    def label(node) -> Text:
+    def label(node) -> Table:
+        """The token in a column of its own that never wraps, the numbers beside it
+        wrapping between fields when the terminal is narrow: nothing is ever cut."""
         on_path = node.id in best
         style = "bold green" if on_path else STATUS_STYLE.get(node.status, "")
-        text = Text("★ " if on_path else "", style=style)
-        text.append(token_label(token_text(node.token_id)), style=style)
-        text.append(f"  p={math.exp(node.logprob):.3f}  Σ={node.cumulative:.3f}", style="green" if on_path else "dim")
+        token = Text("★ " if on_path else "", style=style)
+        token.append(token_label(token_text(node.token_id)), style=style)
+        stats = Text(f"p={math.exp(node.logprob):.3f}  Σ={node.cumulative:.3f}", style="green" if on_path else "dim")
         if node.status == "finished":
             score = f" score={node.score:.3f}" if node.score is not None else ""
-            text.append(f"  ■ end{score}", style="bold green" if on_path else "cyan")
+            stats.append(f"  ■ end{score}", style="bold green" if on_path else "cyan")
         elif node.status == "pruned":
-            text.append("  ✗", style="dim")
-        return text
+            stats.append("  ✗", style="dim")
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True)
+        grid.add_column()
+        grid.add_row(token, stats)
+        return grid
 
     def add(branch: Tree, node_id: int) -> None:
         kids = sorted(children.get(node_id, []), key=lambda n: -n.cumulative)
@@ -246,37 +269,60 @@ def search_tree(tree, token_text, prompt: str, title: str, top: int | None = Non
     return root
 
 
-def distribution_table(dist, token_text, top: int, title: str, width: int | None = None) -> Table:
+def prob_text(p: float) -> str:
+    """A probability in at most 7 characters that never reads as zero when it is not:
+    four decimals, or two significant digits below 1e-4."""
+    if p == 0:
+        return "0"
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def distribution_table(dist, token_text, top: int, title: str, width: int | None = None, token_width: int = 0,
+                       caption: str = "") -> Table:
     """Top tokens by model probability: raw, after temperature, after the sampler stages,
-    and what each stage did to them. Below 72 columns of ``width`` the bars are left out."""
+    and what each stage did to them; the drawn token is added below when it is not among
+    them. Tokens and numbers never wrap: as ``width`` narrows, the bars go first (below 72
+    columns), then the id column and the borders. ``token_width`` keeps the
+    token column as wide in every step's table."""
     bars = width is None or width >= 72
+    narrow = width is not None and width < 72
     table = Table(title=title, title_justify="left", caption_justify="left")
+    if narrow:
+        table.box, table.padding, table.pad_edge, table.show_edge = box.SIMPLE_HEAD, (0, 1), False, False
     table.add_column("#", justify="right", style="dim", no_wrap=True)
-    table.add_column("token", min_width=6)
-    table.add_column("id", justify="right", style="dim", no_wrap=True)
-    table.add_column("model p", justify="right", min_width=6)
+    table.add_column("token", no_wrap=True, min_width=max(6, token_width))
+    if not narrow:
+        table.add_column("id", justify="right", style="dim", no_wrap=True)
+    table.add_column("p" if narrow else "model p", justify="right", no_wrap=True, min_width=6)
     if bars:
-        table.add_column("", min_width=10)
-    table.add_column("after T", justify="right", min_width=6)
-    table.add_column("final p", justify="right", min_width=6)
-    table.add_column("stages", overflow="fold", min_width=7)
-    order = sorted(range(len(dist.raw)), key=lambda i: -dist.raw[i])[:top]
-    for rank, tok in enumerate(order, 1):
+        table.add_column("p / top p", min_width=10, no_wrap=True)
+    table.add_column("p@T" if narrow else "after T", justify="right", no_wrap=True, min_width=6)
+    table.add_column("final" if narrow else "final p", justify="right", no_wrap=True, min_width=6)
+    ranked = sorted(range(len(dist.raw)), key=lambda i: -dist.raw[i])
+    order = ranked[:top]
+    if dist.chosen not in order:  # the drawn token, wherever it ranked
+        order.append(dist.chosen)
+    notes = [_stage_note(dist.changed_by.get(t, []), dist.removed_by[t]) for t in order]
+    widest = max((len(part) for note in notes for part in note.split("; ")), default=0)
+    table.add_column("stages", min_width=max(6, widest))  # wraps between stages, never inside one
+    peak = dist.raw[ranked[0]] or 1.0
+    for tok in order:
         chosen = tok == dist.chosen
         style = "bold green" if chosen else ("dim" if dist.removed_by[tok] else "")
         table.add_row(
-            str(rank),
+            str(ranked.index(tok) + 1),
             token_label(token_text(tok)) + (" ◀" if chosen else ""),
-            str(tok),
-            f"{dist.raw[tok]:.4f}",
-            *[Text(_bar(dist.raw[tok], 10), style="cyan")] * bars,
-            f"{dist.tempered[tok]:.4f}",
-            f"{dist.final[tok]:.4f}" if dist.final[tok] > 0 else "—",
-            _stage_note(dist.changed_by.get(tok, []), dist.removed_by[tok]),
+            *[str(tok)] * (not narrow),
+            prob_text(dist.raw[tok]),
+            *[Text(_bar(dist.raw[tok] / peak, 10), style="cyan")] * bars,
+            prob_text(dist.tempered[tok]),
+            prob_text(dist.final[tok]) if dist.final[tok] > 0 else "—",
+            notes[order.index(tok)],
             style=style,
         )
     kept = sum(1 for p in dist.final if p > 0)
-    table.caption = f"{kept} of {len(dist.raw)} tokens can be drawn · samplers: {' → '.join(dist.order)}"
+    table.caption = f"{kept} of {len(dist.raw)} tokens can be drawn · samplers: {' → '.join(dist.order)}" + (
+        f" · {caption}" if caption else "")
     return table
 
 
@@ -309,6 +355,15 @@ def step_table(sample, token_text) -> Table:
     return table
 
 
+def tree_legend(kind: str) -> Text:
+    """The marks of a search tree, said once under it."""
+    if kind == "beam":
+        marks = "★ the answer · bold: kept · ✗ dropped · ■ finished, score = logprob / length^α"
+    else:
+        marks = "★ the most probable · ✗ not expanded: bound below the best · ■ finished"
+    return Text(f"{marks} · p: next-token probability · Σ: logprob so far", style="dim")
+
+
 def samples_tree(root, decode, prompt: str) -> Tree:
     """``run --num-samples N --show-tree``: samples merged on shared prefixes, with counts."""
     tree = Tree(Text.assemble(("samples ", "dim"), (token_label(prompt), "bold"), (f"  ×{root.count}", "dim")), guide_style="dim")
@@ -339,14 +394,17 @@ def exact_summary(result, max_expansions: int) -> Text:
     )
 
 
-def compare_table(rows: list[dict]) -> Table:
-    """One row per strategy: its text and the total log-probability of the sequence."""
+def compare_table(rows: list[dict], width: int | None = None) -> Table:
+    """One row per strategy: its text and the total log-probability of the sequence.
+    Below 80 columns of ``width`` the borders go, so the texts keep their room."""
     table = Table(title="decoding strategies compared", title_justify="left")
-    table.add_column("strategy")
-    table.add_column("continuation")
-    table.add_column("tokens", justify="right")
-    table.add_column("logprob", justify="right")
-    table.add_column("note", style="dim")
+    if width is not None and width < 80:
+        table.box, table.padding, table.pad_edge, table.show_edge = box.SIMPLE_HEAD, (0, 1), False, False
+    table.add_column("strategy", overflow="fold", min_width=8)
+    table.add_column("continuation", overflow="fold", min_width=12)
+    table.add_column("tokens", justify="right", no_wrap=True)
+    table.add_column("logprob", justify="right", no_wrap=True)
+    table.add_column("note", style="dim", overflow="fold", min_width=4)
     top = max(rows, key=lambda r: r["logprob"], default=None)
     for r in rows:
         # the same tokens are the same sequence, though two searches sum its logprob in a different order

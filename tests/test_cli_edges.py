@@ -21,13 +21,17 @@ def llmgen(*args, stdin: bytes | None = b""):
 
 
 def test_a_continuation_never_ends_in_half_a_character(capsys):
-    """Token 221 of the embedded model is " " and the first byte of a 4-byte emoji; cut
-    there, the text is the space, not a U+FFFD, in plain output and in JSON."""
-    assert main(["run", "I like", "-n", "1", "--logit-bias", "221=100", "-t", "0", "--json"]) == 0
+    """Token 173 of the embedded model is the byte 0xF0 alone, the first of a 4-byte
+    emoji; a continuation cut after it has no text yet (its byte stays in token_ids),
+    not a U+FFFD, in plain output and in JSON."""
+    from llmgen.checkpoint import default_model_dir, load_checkpoint
+
+    assert load_checkpoint(default_model_dir(None), device="cpu").tokenizer.decode([173]) == "\ufffd"
+    assert main(["run", "I like", "-n", "2", "--logit-bias", "173=100", "-t", "0", "--json", "--ignore-eos"]) == 0
     rec = json.loads(capsys.readouterr().out)
-    assert rec["token_ids"] == [221] and rec["text"] == " "
-    assert main(["run", "I like", "-n", "1", "--logit-bias", "221=100", "-t", "0"]) == 0
-    assert "\ufffd" not in capsys.readouterr().out
+    assert rec["token_ids"] == [173, 173] and "\ufffd" not in rec["text"]
+    assert main(["run", "I like", "-n", "1", "--logit-bias", "173=100", "-t", "0"]) == 0
+    assert capsys.readouterr().out == "\n"
 
 
 def test_streamed_text_is_never_a_half_character():
@@ -41,6 +45,17 @@ def test_streamed_text_is_never_a_half_character():
         shown += stream.push(token)[0]
         assert "\ufffd" not in shown and "\ufffd" not in ckpt.decode(ids[: i + 1])
     assert shown + stream.flush() == "café 😀 ok 日本"
+
+
+def test_one_token_formatter_shows_partial_bytes():
+    """A token holding part of a character is shown by its bytes, not as U+FFFD."""
+    from llmgen.checkpoint import default_model_dir, load_checkpoint
+    from llmgen.render import token_label
+
+    ckpt = load_checkpoint(default_model_dir(None), device="cpu")
+    ids = ckpt.encode(" 😀 ok")
+    assert [ckpt.token_text(i) for i in ids[1:5]] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    assert token_label("a\u200bb\u00a0c\n") == '"a\\u200bb\\u00a0c\\n"'
 
 
 def test_bare_llmgen_shows_help_and_succeeds():

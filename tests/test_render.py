@@ -42,7 +42,7 @@ def test_beam_tree_marks(cli):
     out = cli("beam", "I like", "--width", "2", "-n", "3", "--length-penalty", "0", "--show-tree")
     lines = out.splitlines()
     assert lines[0] == 'beam search, width 2 "I like"'
-    starred = [line for line in lines if "★" in line]
+    starred = [line for line in lines if "★" in line and '"' in line]  # not the legend
     assert [line.split('"')[1] for line in starred] == ["coffee", "coffee", "coffee"]  # the winning path
     assert "■ end score=-2.097" in starred[-1]
     assert any('"like"  p=0.537  Σ=-0.623' in line for line in lines)  # greedy's first step survives, then loses

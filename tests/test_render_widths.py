@@ -1,0 +1,110 @@
+"""Every view at 50, 80 and 120 columns: no line longer than the terminal, and no token
+or number cut (each appears whole somewhere in the output)."""
+
+import math
+import re
+
+import pytest
+from rich.console import Console
+
+from llmgen import render
+
+WIDTHS = [50, 80, 120]
+
+
+def _draw(renderable, width: int) -> str:
+    console = Console(width=width, record=True, force_terminal=True, color_system=None)
+    console.print(renderable, soft_wrap=False)
+    return console.export_text()
+
+
+def _fits(text: str, width: int) -> None:
+    for line in text.splitlines():
+        assert len(line) <= width, (width, line)
+    assert "…" not in re.sub(r"… \d+ more", "", text)  # Rich's mark of a cell it cut (not the tree's own count)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from llmgen.checkpoint import default_model_dir, load_checkpoint
+
+    return load_checkpoint(default_model_dir(None), device="cpu")
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_probs_table(embedded, width):
+    from llmgen.config import SamplingConfig
+    from llmgen.decoding.probs import follow
+
+    ids = embedded.encode("I like")
+    dist = follow(embedded.model, ids, SamplingConfig(temperature=0.7, top_k=5, top_p=0.95), 1, 3, (0,), None)[0]
+    text = _draw(render.distribution_table(dist, embedded.token_text, 10, "after \"I like\"", width, 0, "seed 3"), width)
+    _fits(text, width)
+    top = sorted(range(len(dist.raw)), key=lambda i: -dist.raw[i])[:10]
+    for t in top:
+        assert render.token_label(embedded.token_text(t)) in text
+        assert render.prob_text(dist.raw[t]) in text and render.prob_text(dist.tempered[t]) in text
+    assert "top-k" in text and "seed 3" in text
+
+
+def test_the_drawn_token_is_shown_even_outside_top(embedded):
+    from llmgen.config import SamplingConfig
+    from llmgen.decoding.probs import follow
+
+    ids = embedded.encode("I like")
+    for seed in range(40):  # a seed whose draw is not the most probable token
+        dist = follow(embedded.model, ids, SamplingConfig(temperature=1.5), 1, seed, (0,), None)[0]
+        ranked = sorted(range(len(dist.raw)), key=lambda i: -dist.raw[i])
+        if ranked.index(dist.chosen) >= 3:
+            break
+    text = _draw(render.distribution_table(dist, embedded.token_text, 3, "t", 120), 120)
+    assert render.token_label(embedded.token_text(dist.chosen)) + " ◀" in text
+    assert f"{ranked.index(dist.chosen) + 1} " in text
+
+
+def test_small_probabilities_never_read_as_zero():
+    assert render.prob_text(0.00003) == "3.0e-05" and render.prob_text(0.5) == "0.5000" and render.prob_text(0) == "0"
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("kind", ["beam", "exact"])
+def test_search_trees(embedded, width, kind):
+    from llmgen.decoding.beam import BeamConfig, beam_search
+    from llmgen.decoding.exact import ExactConfig, exact_search
+
+    ids = embedded.encode("I like")
+    if kind == "beam":
+        result = beam_search(embedded.model, ids, BeamConfig(width=2, max_new_tokens=4, length_penalty=1.0, eos_token_ids=(0,)))
+    else:
+        result = exact_search(embedded.model, ids, ExactConfig(max_new_tokens=3, max_expansions=200, eos_token_ids=(0,)), embedded.decode)
+    text = _draw(render.search_tree(result.tree, embedded.token_text, "I like", kind, 3, bound_all=kind == "exact"), width)
+    _fits(text, width)
+    legend = _draw(render.tree_legend(kind), width)
+    _fits(legend, width)
+    assert "★" in legend and "✗" in legend
+    flat = " ".join(text.split())
+    for node in result.tree.nodes[1:]:
+        if node.id in set(result.tree.best_path):
+            assert render.token_label(embedded.token_text(node.token_id)) in text
+            assert f"Σ={node.cumulative:.3f}" in flat and f"p={math.exp(node.logprob):.3f}" in flat
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_compare_score_and_info(embedded, width):
+    from llmgen.checkpoint import describe
+
+    rows = [{"strategy": "greedy", "token_ids": [1, 2], "logprob": -8.902, "text": " a little girl,"},
+            {"strategy": "sample (T=1, p=0.95)", "token_ids": [3], "logprob": -16.111, "text": " a silly old gentleman",
+             "note": "seed 0"}]
+    text = _draw(render.compare_table(rows, width), width)
+    _fits(text, width)
+    assert "-8.902" in text and "-16.111" in text
+    ids = embedded.encode("The cold coffee")
+    tokens = [embedded.token_text(t) for t in ids]
+    text = _draw(render.score_table(tokens, ids, [None, -2.5, -0.00001], 3.2), width)
+    _fits(text, width)
+    for t in tokens:
+        assert render.token_label(t) in text
+    assert "-1.0e-05" in text and "-0.0000" not in text and "\n│ 1 │" in text  # rows from 1, as everywhere
+    text = _draw(render.info_table(describe(embedded)), width)
+    _fits(text, width)
