@@ -29,13 +29,27 @@ def template_of(model_dir: Path) -> tuple[str, dict]:
 
 
 def render(model_dir: Path, prompt: str, system: str | None) -> str:
+    """One user turn (after an optional system message), ready for the reply."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return render_messages(model_dir, messages)
+
+
+def has_template(model_dir: Path) -> bool:
+    try:
+        template_of(model_dir)
+    except LlmgenError:
+        return False
+    return True
+
+
+def render_messages(model_dir: Path, messages: list[dict]) -> str:
+    """A conversation in the model's template, with the prompt for the assistant's next reply."""
     try:
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         raise LlmgenError("--chat needs Jinja2: pip install 'jinja2>=3' (or, in llmgen's source tree, pip install '.[chat]')") from None
     template, config = template_of(model_dir)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
     def raise_exception(message):
         raise LlmgenError(f"chat template: {message}")

@@ -256,7 +256,7 @@ def run(
         out.file.flush()
     if show_probs:
         for s in samples:
-            out.print(render.step_table(s, ckpt.token_text), soft_wrap=False)
+            out.print(render.step_table(s, ckpt.token_text, out.width), soft_wrap=False)
     if render.is_terminal(sys.stderr):
         render.stderr_console().print(render.run_summary(samples, timings))
 
@@ -536,6 +536,174 @@ def score(
         return
     tokens = [ckpt.token_text(t) for t in result.token_ids]
     render.stdout_console().print(render.score_table(tokens, result.token_ids, result.logprobs, result.perplexity), soft_wrap=False)
+
+
+CHAT_HELP = """commands:
+  /set NAME VALUE   change a sampling setting (e.g. /set temperature 0.7, /set top-p 0.9)
+  /system TEXT      set the system message (from the next reply on)
+  /retry            generate the last reply again
+  /undo             forget the last exchange
+  /probs            the last reply step by step: each token's probability and the alternatives
+  /tree             a beam search (width 2) over the start of the last reply
+  /save FILE        write the transcript as JSONL
+  /load FILE        read a transcript written by /save
+  /help             this list
+  /exit             leave (or Ctrl-D); Ctrl-C stops a reply and keeps the session"""
+
+
+@app.command()
+@with_settings("max_new_tokens", *SAMPLING)
+def chat(
+    model: ModelOpt = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System message.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Seed of the first reply; reply i uses seed + i. Default: random, and reported.")] = None,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    settings: dict | None = None,
+) -> None:
+    """A conversation with a chat model: replies stream in, the KV cache carries over between turns (a turn prefills only its new tokens), and /commands change settings, retry, undo, show probabilities and trees, save and load.
+
+    On a terminal: line editing and history; when stdin is not a terminal, one user turn per line. A model without a chat template gives a plain continuation session.
+    """
+    from llmgen import orchestrate as orch
+    from llmgen import render
+    from llmgen.chat_session import ChatSession
+
+    config.check_seed(seed)
+    ckpt = orch.load(model, device, dtype.value, rows=1, threads=threads)
+    interactive = sys.stdin.isatty()
+    session = ChatSession(ckpt, settings, system, seed if seed is not None else orch.draw_seed())
+    err, out = render.stderr_console(), render.stdout_console()
+    if interactive:
+        _readline_history()
+        err.print(render.chat_banner(orch.model_label(model), session.templated, session.seed))
+    while True:
+        try:
+            line = _read_turn(interactive)
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as a shell does
+            sys.stdout.write("\n")
+            continue
+        if line is None:
+            break
+        if not line.strip():
+            continue
+        try:
+            if line.startswith("/"):
+                if _chat_command(session, line, out, err) == "exit":
+                    break
+                continue
+            _chat_reply(session, lambda on_token: session.reply(line, on_token), out, err, interactive)
+        except LlmgenError as e:
+            err.print(f"llmgen: {e}", markup=False, highlight=False)
+
+
+def _read_turn(interactive: bool) -> str | None:
+    """The next line the user typed (None at the end: Ctrl-D, or the end of piped input)."""
+    if interactive:
+        try:
+            return input("> ")
+        except EOFError:
+            sys.stdout.write("\n")
+            return None
+    line = sys.stdin.readline()
+    return None if line == "" else line.rstrip("\n")
+
+
+def _readline_history() -> None:
+    """Line editing and a history kept between sessions, where Python has readline."""
+    try:
+        import atexit
+        import readline
+    except ImportError:
+        return
+    from llmgen.models_cache import home
+
+    path = home() / "chat_history"
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+
+    def save() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass
+
+    atexit.register(save)
+
+
+def _chat_reply(session, answer, out, err, interactive: bool) -> None:
+    """Stream one reply; Ctrl-C stops it and keeps the session (and the words so far)."""
+    from llmgen import render
+
+    stream = render.TextStream(out)
+    try:
+        sample = answer(stream)
+    except KeyboardInterrupt:
+        stream.end()
+        err.print(render.chat_interrupted())
+        return
+    stream.end()
+    if interactive:
+        err.print(render.chat_turn_summary(session.stats[-1], sample))
+
+
+def _chat_command(session, line: str, out, err) -> str | None:
+    from llmgen import render
+
+    name, _, arg = line[1:].partition(" ")
+    arg = arg.strip()
+    if name in ("exit", "quit"):
+        return "exit"
+    if name == "help":
+        out.print(CHAT_HELP, markup=False, highlight=False)
+    elif name == "set":
+        key, _, value = arg.partition(" ")
+        if not key or not value.strip():
+            raise LlmgenError("usage: /set NAME VALUE")
+        session.set(key, value.strip())
+        err.print(f"{key} = {value.strip()}", markup=False, highlight=False)
+    elif name == "system":
+        session.system = arg or None
+        err.print("system message set" if arg else "system message cleared")
+    elif name == "retry":
+        _chat_reply(session, session.retry, out, err, sys.stdin.isatty())
+    elif name == "undo":
+        session.undo()
+        err.print("forgot the last exchange")
+    elif name == "probs":
+        if session.last is None:
+            raise LlmgenError("no reply yet")
+        out.print(render.step_table(session.last, session.ckpt.token_text, out.width), soft_wrap=False)
+    elif name == "tree":
+        _chat_tree(session, out)
+    elif name in ("save", "load"):
+        if not arg:
+            raise LlmgenError(f"usage: /{name} FILE")
+        getattr(session, name)(Path(arg).expanduser())
+        err.print(f"{'saved to' if name == 'save' else 'loaded'} {arg}", markup=False, highlight=False)
+    else:
+        raise LlmgenError(f"unknown command /{name} (/help lists them)")
+    return None
+
+
+def _chat_tree(session, out) -> None:
+    """A width-2 beam search from the last reply's prompt, over as many tokens as the
+    reply had (at most 8): which continuations competed with it."""
+    from llmgen import orchestrate as orch
+    from llmgen import render
+    from llmgen.decoding.beam import BeamConfig, beam_search
+
+    ids = session.last_turn_prompt()
+    n = max(1, min(8, len(session.last.token_ids))) if session.last is not None else 8
+    cfg = BeamConfig(width=2, max_new_tokens=n, length_penalty=1.0, eos_token_ids=orch.stop_ids(session.ckpt, session.templated))
+    result = beam_search(session.ckpt.model, ids, cfg)
+    out.print(render.search_tree(result.tree, session.ckpt.token_text, "(the conversation)", "beam search, width 2", 3),
+              soft_wrap=False)
+    out.print(render.tree_legend("beam"), soft_wrap=False)
 
 
 @app.command()

@@ -338,21 +338,45 @@ def _stage_note(changed: list[str], removed: str | None) -> str:
     return "; ".join([", ".join(changed)] * bool(changed) + [f"✗ {removed}"] * bool(removed))
 
 
-def step_table(sample, token_text) -> Table:
-    """What ``run --show-probs`` shows: each chosen token, its probability, the best alternatives."""
+def step_table(sample, token_text, width: int | None = None) -> Table:
+    """What ``run --show-probs`` and chat's ``/probs`` show: each chosen token, its
+    probability, and the best alternatives, one column each: as many (up to 5) as fit in
+    ``width``, so no token or number is ever cut or split."""
+    rows = []
+    for i, step in enumerate(sample.steps, 1):
+        alts = [a for a in step.alternatives if a.token_id != step.token_id][:5]
+        rows.append([str(i), token_label(token_text(step.token_id)), prob_text(math.exp(step.logprob)),
+                     *[f"{token_label(token_text(a.token_id))} {prob_text(math.exp(a.logprob))}" for a in alts]])
+    headers = ["#", "chosen", "p", "next best", "#3", "#4", "#5", "#6"]
+
+    def needed(columns: int) -> int:  # each column's widest cell, plus a border and padding per column
+        return 1 + sum(3 + max(len(headers[c]), *(len(r[c]) for r in rows if c < len(r))) for c in range(columns))
+
+    shown = max(1, max((k for k in range(1, 6) if width is None or not rows or needed(3 + k) <= width), default=1))
     table = Table(title="step by step", title_justify="left")
-    table.add_column("step", justify="right", style="dim")
-    table.add_column("chosen")
-    table.add_column("p", justify="right")
-    table.add_column("alternatives (model p)")
-    for i, step in enumerate(sample.steps):
-        alts = Text()
-        for alt in step.alternatives:
-            if alt.token_id == step.token_id:
-                continue
-            alts.append(f"{token_label(token_text(alt.token_id))} {math.exp(alt.logprob):.3f}  ", style="dim")
-        table.add_row(str(i + 1), token_label(token_text(step.token_id)), f"{math.exp(step.logprob):.3f}", alts)
+    table.add_column("#", justify="right", style="dim", no_wrap=True)
+    table.add_column("chosen", no_wrap=True)
+    table.add_column("p", justify="right", no_wrap=True)
+    for n in range(shown):
+        table.add_column(headers[3 + n], no_wrap=True, style="dim")
+    for r in rows:
+        cells = r[3 : 3 + shown]
+        table.add_row(*r[:3], *cells, *[""] * (shown - len(cells)))
     return table
+
+
+def chat_banner(model: str, templated: bool, seed: int) -> Text:
+    kind = "its chat template" if templated else "no chat template: a plain continuation session"
+    return Text(f"chatting with {model} ({kind}) · seed {seed} · /help for commands · Ctrl-D to leave", style="dim")
+
+
+def chat_turn_summary(stats, sample) -> Text:
+    return Text(f"[{stats.generated} tokens · {sample.finish_reason} · prefilled {stats.prefilled} of "
+                f"{stats.conversation_tokens} conversation tokens]", style="dim")
+
+
+def chat_interrupted() -> Text:
+    return Text("[interrupted: the reply so far is kept; /retry for another, /undo to drop it]", style="dim")
 
 
 def tree_legend(kind: str) -> Text:

@@ -87,7 +87,7 @@ def test_probs_json_renormalises(cli):
 
 def test_run_show_probs_and_sample_tree(cli):
     out = cli("run", "I like", "-n", "3", "-t", "0", "--show-probs")
-    assert "step by step" in out and "alternatives" in out
+    assert "step by step" in out and "next best" in out
     out = cli("run", "I like", "-n", "3", "--num-samples", "20", "--seed", "1", "--show-tree")
     assert out.startswith('samples "I like"  ×20')
     counts = [int(line.split("×")[1].split()[0]) for line in out.splitlines()[1:] if line.startswith(("├── ", "└── "))]

@@ -108,3 +108,28 @@ def test_compare_score_and_info(embedded, width):
     assert "-1.0e-05" in text and "-0.0000" not in text and "\n│ 1 │" in text  # rows from 1, as everywhere
     text = _draw(render.info_table(describe(embedded)), width)
     _fits(text, width)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_step_table(embedded, width):
+    from llmgen.config import GenerationConfig, SamplingConfig
+    from llmgen.decoding.greedy_sample import generate
+
+    gen = GenerationConfig(max_new_tokens=6, sampling=SamplingConfig(temperature=0), ignore_eos=True)
+    sample = generate(embedded.model, embedded.encode("I like"), gen, embedded.decode, trace_top=6)[0]
+    text = _draw(render.step_table(sample, embedded.token_text, width), width)
+    _fits(text, width)
+    for step in sample.steps:
+        assert render.token_label(embedded.token_text(step.token_id)) in text
+        assert render.token_label(embedded.token_text(step.alternatives[1].token_id)) in text
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_step_table_with_long_tokens_drops_columns_not_characters(width):
+    from llmgen.decoding.trace import Candidate, Sample, Step
+
+    words = [" capital", " capitals", " Capital", " cap", " national", "<|im_end|>", " Florence"]
+    steps = [Step(i, math.log(0.9), tuple(Candidate(j, math.log(0.01 * (j + 1))) for j in range(7))) for i in range(7)]
+    text = _draw(render.step_table(Sample(token_ids=list(range(7)), steps=steps), lambda t: words[t], width), width)
+    _fits(text, width)
+    assert all(render.token_label(w) in text for w in words)

@@ -74,12 +74,15 @@ def generate_batch(
     on_token: OnToken | None = None,
     trace_top: int = 0,
     timings: Timings | None = None,
+    cache=None,
+    cached: int = 0,
 ) -> list[Sample]:
     """Continue several prompts at once with one sampling config.
 
     Prompts of different lengths are left-padded; the cache masks the padding and
     position ids count from each row's first real token, so every row produces what it
-    would alone. A row that finishes leaves the batch (its cache row is dropped), so
+    would alone. Given a ``cache`` holding the first ``cached`` ids of a single row, only
+    the rest is prefilled, and the continuation is written on into that cache. A row that finishes leaves the batch (its cache row is dropped), so
     the remaining steps cost only what the live rows need.
     """
     started = time.perf_counter()
@@ -101,10 +104,15 @@ def generate_batch(
     texts = [ContinuationText(decode, gen.stop) for _ in rows]
     stop_ids = set(gen.stop_token_ids)
 
-    cache = model.new_cache(len(rows), ids.shape[1] + max(limits))
-    cache.set_padding(mask)
-    positions = positions_from_mask(mask)
-    logits = model(ids, positions, cache)[:, -1].float()
+    if cache is None:
+        cache = model.new_cache(len(rows), ids.shape[1] + max(limits))
+        cache.set_padding(mask)
+        positions = positions_from_mask(mask)
+        logits = model(ids, positions, cache)[:, -1].float()
+    else:  # one row whose first ``cached`` ids are in ``cache`` already (a chat's earlier turns)
+        cache.length = cached
+        positions = torch.arange(cached, ids.shape[1], device=device)[None]
+        logits = model(ids[:, cached:], positions, cache)[:, -1].float()
     if timings is not None:
         _sync(device)
         timings.prompt_tokens = sum(len(r.prompt_ids) for r in rows)
