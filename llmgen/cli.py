@@ -90,6 +90,7 @@ ErrorsOpt = Annotated[Errors, typer.Option("--errors", help="Invalid UTF-8 in PR
 ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template; stop at its end-of-turn token.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System message for --chat.")]
 TreeTopOpt = Annotated[int, typer.Option("--tree-top", help="Pruned candidates drawn per node in the tree.")]
+TreeDepthOpt = Annotated[int, typer.Option("--tree-depth", min=1, help="Steps drawn in full in the tree; below them only the answer's path.")]
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this string appears (repeatable); it is cut from the text.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(
     "--threads", min=1, show_default=False,
@@ -305,6 +306,7 @@ def beam(
     early_stopping: Annotated[bool, typer.Option("--early-stopping", help="Stop as soon as `width` hypotheses have finished.")] = False,
     show_tree: ShowTreeOpt = False,
     tree_top: TreeTopOpt = 3,
+    tree_depth: TreeDepthOpt = 4,
     echo: EchoOpt = False,
     truncate: TruncateOpt = Truncate.none,
     errors: ErrorsOpt = Errors.strict,
@@ -343,7 +345,7 @@ def beam(
         return
     out = render.stdout_console()
     if show_tree:
-        out.print(render.search_tree(result.tree, ckpt.token_text, text, f"beam search, width {width}", tree_top), soft_wrap=False)
+        out.print(render.search_tree(result.tree, ckpt.token_text, text, f"beam search, width {width}", tree_top, depth=tree_depth), soft_wrap=False)
         out.print(render.tree_legend("beam"), soft_wrap=False)
     for i, h in enumerate(hyps):
         if len(hyps) > 1 or show_tree:
@@ -360,6 +362,7 @@ def exact(
     max_expansions: Annotated[int, typer.Option("--max-expansions", help="Bound on partial sequences expanded; past it, optimality is not proven.")] = 2000,
     show_tree: ShowTreeOpt = False,
     tree_top: TreeTopOpt = 3,
+    tree_depth: TreeDepthOpt = 4,
     echo: EchoOpt = False,
     truncate: TruncateOpt = Truncate.none,
     errors: ErrorsOpt = Errors.strict,
@@ -394,7 +397,7 @@ def exact(
         return
     out = render.stdout_console()
     if show_tree:
-        out.print(render.search_tree(result.tree, ckpt.token_text, text, "exact search", tree_top, bound_all=True), soft_wrap=False)
+        out.print(render.search_tree(result.tree, ckpt.token_text, text, "exact search", tree_top, bound_all=True, depth=tree_depth), soft_wrap=False)
         out.print(render.tree_legend("exact"), soft_wrap=False)
     out.print((text if echo else "") + continuation, markup=False, highlight=False)
     render.stderr_console().print(render.exact_summary(result, max_expansions))

@@ -219,13 +219,15 @@ def _invisible(c: str) -> bool:
     return c != " " and unicodedata.category(c) in ("Zs", "Zl", "Zp", "Cf", "Cc")
 
 
-def search_tree(tree, token_text, prompt: str, title: str, top: int | None = None, bound_all: bool = False) -> Tree:
+def search_tree(tree, token_text, prompt: str, title: str, top: int | None = None, bound_all: bool = False,
+                depth: int | None = None) -> Tree:
     """A beam or exact search as a Rich tree.
 
     Survivors are bold, pruned candidates dim, finished hypotheses marked with their
     score, and the winning path green and starred (★, for output without colour). At most ``top`` pruned candidates are drawn per
     node; with ``bound_all`` (exact search, whose expanded nodes can run to thousands)
-    at most ``top`` off-path children of any kind.
+    at most ``top`` off-path children of any kind. Below ``depth`` steps only the
+    answer's path is drawn, so a long search stays a screenful.
     """
     children = tree.children()
     best = set(tree.best_path)
@@ -250,7 +252,25 @@ def search_tree(tree, token_text, prompt: str, title: str, top: int | None = Non
         grid.add_row(token, stats)
         return grid
 
-    def add(branch: Tree, node_id: int) -> None:
+    def rest_of_answer(node_id: int) -> Text:
+        """Past the depth limit: the answer's remaining steps as one line."""
+        chain, current = [], node_id
+        while (nxt := next((k for k in children.get(current, []) if k.id in best), None)) is not None:
+            chain.append(nxt)
+            current = nxt.id
+        last = chain[-1]
+        text = Text("★ ", style="bold green")
+        text.append(token_label("".join(token_text(n.token_id) for n in chain)), style="bold green")
+        text.append(f"  {len(chain)} more steps, below --tree-depth  Σ={last.cumulative:.3f}", style="green")
+        if last.status == "finished" and last.score is not None:
+            text.append(f"  ■ end score={last.score:.3f}", style="bold green")
+        return text
+
+    def add(branch: Tree, node_id: int, level: int) -> None:
+        if depth is not None and level >= depth:
+            if node_id in best and children.get(node_id):
+                branch.add(rest_of_answer(node_id))
+            return
         kids = sorted(children.get(node_id, []), key=lambda n: -n.cumulative)
         shown, pruned = [], 0
         for kid in kids:
@@ -260,12 +280,12 @@ def search_tree(tree, token_text, prompt: str, title: str, top: int | None = Non
                     continue
             shown.append(kid)
         for kid in shown:
-            add(branch.add(label(kid)), kid.id)
+            add(branch.add(label(kid)), kid.id, level + 1)
         hidden = len(kids) - len(shown)
         if hidden:
             branch.add(Text(f"… {hidden} more", style="dim italic"))
 
-    add(root, tree.nodes[0].id)
+    add(root, tree.nodes[0].id, 0)
     return root
 
 

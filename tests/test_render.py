@@ -120,3 +120,15 @@ def test_probs_table_at_several_widths(width):
     assert "✗ xtc" in text and "✗ top-k" in text and "logit-bias" in text.replace("\n", "")
     assert "samplers: logit-bias → temperature → top-k → xtc → draw" in " ".join(text.split())
     assert ("█" in text) == (width >= 72)
+
+
+def test_a_long_beam_tree_stays_a_screenful(capsys):
+    """With the embedded model the default -n 20 drew 351 lines; below --tree-depth only
+    the answer's path goes on, as one line that still ends in the answer's score."""
+    assert main(["beam", "I like", "--show-tree"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) < 80
+    joined = " ".join(" ".join(lines).replace("│", " ").split())  # wrapped lines, guides removed
+    assert "more steps, below --tree-depth" in joined and "■ end score=-1.685" in joined
+    assert main(["beam", "I like", "--show-tree", "--tree-depth", "20"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) > 3 * len(lines)
