@@ -341,7 +341,9 @@ def beam(
              "finish_reason": h.finish_reason}
             for h in hyps
         ]
-        _write_json(_record(text, ids, beams[0]["text"], best.token_ids, best.logprobs, best.finish_reason, None, beams=beams))
+        tree = {"tree": render.search_tree_record(result.tree, ckpt.token_text)} if show_tree else {}
+        _write_json(_record(text, ids, beams[0]["text"], best.token_ids, best.logprobs, best.finish_reason, None, beams=beams,
+                            **tree))
         return
     out = render.stdout_console()
     if show_tree:
@@ -392,7 +394,8 @@ def exact(
     if as_json:
         _write_json(
             _record(text, ids, continuation, result.token_ids, result.logprobs, result.finish_reason, None,
-                    logprob=result.logprob, expanded=result.expanded, proven=result.proven, brute_force=result.brute_force)
+                    logprob=result.logprob, expanded=result.expanded, proven=result.proven, brute_force=result.brute_force,
+                    **({"tree": render.search_tree_record(result.tree, ckpt.token_text)} if show_tree else {}))
         )
         return
     out = render.stdout_console()

@@ -399,6 +399,23 @@ def chat_interrupted() -> Text:
     return Text("[interrupted: the reply so far is kept; /retry for another, /undo to drop it]", style="dim")
 
 
+def search_tree_record(tree, token_text) -> dict:
+    """``--show-tree`` with ``--json``: the whole search as nested nodes, each with its
+    token, logprob given its parent, cumulative logprob, status (kept, pruned, finished),
+    score when finished, and whether it lies on the answer's path."""
+    children, best = tree.children(), set(tree.best_path)
+
+    def node(n) -> dict:
+        out = {"token_id": n.token_id, "token": None if n.token_id is None else token_text(n.token_id),
+               "logprob": n.logprob, "cumulative": n.cumulative, "status": n.status, "best": n.id in best}
+        if n.score is not None:
+            out["score"] = n.score
+        out["children"] = [node(c) for c in sorted(children.get(n.id, []), key=lambda c: -c.cumulative)]
+        return out
+
+    return node(tree.nodes[0])
+
+
 def tree_legend(kind: str) -> Text:
     """The marks of a search tree, said once under it."""
     if kind == "beam":

@@ -132,3 +132,20 @@ def test_a_long_beam_tree_stays_a_screenful(capsys):
     assert "more steps, below --tree-depth" in joined and "■ end score=-1.685" in joined
     assert main(["beam", "I like", "--show-tree", "--tree-depth", "20"]) == 0
     assert len(capsys.readouterr().out.splitlines()) > 3 * len(lines)
+
+
+def test_show_tree_reaches_json_for_beam_and_exact(capsys):
+    """The tree a terminal would draw, as nested JSON: the answer's path marked best."""
+    for argv in (["beam", "I like", "--width", "2", "-n", "3"], ["exact", "I like", "-n", "2"]):
+        assert main([*argv, "--show-tree", "--json"]) == 0
+        rec = json.loads(capsys.readouterr().out)
+        node, path = rec["tree"], []
+        while True:
+            best = [c for c in node["children"] if c["best"]]
+            if not best:
+                break
+            node = best[0]
+            path.append(node["token_id"])
+        assert path == rec["token_ids"]
+        assert main([*argv, "--json"]) == 0
+        assert "tree" not in json.loads(capsys.readouterr().out)
