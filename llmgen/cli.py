@@ -512,6 +512,9 @@ def score(
     prompt_file: PromptFileOpt = None,
     model: ModelOpt = None,
     errors: ErrorsOpt = Errors.strict,
+    chat: Annotated[bool, typer.Option("--chat", help="Score TEXT as the assistant's reply to --reply-to, in the model's chat template.")] = False,
+    reply_to: Annotated[Optional[str], typer.Option("--reply-to", help="With --chat: the user's message TEXT answers.", show_default=False)] = None,
+    system: SystemOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
@@ -519,26 +522,25 @@ def score(
 ) -> None:
     """Teacher-forced log-probability of every token of TEXT, and its perplexity.
 
-    The first token is scored after the model's BOS token when it has one; otherwise it has no context and its logprob is null.
+    The first token is scored after the model's BOS token when it has one; otherwise it has no context and its logprob is null. With --chat, TEXT is scored as the assistant's reply to --reply-to: each token given the rendered conversation and the reply before it.
     """
     from llmgen import orchestrate as orch
 
+    orch.check_chat(chat, system)
+    if chat != (reply_to is not None):
+        raise UsageError("--chat and --reply-to go together: the reply TEXT is scored after the user's message")
     content = orch.read_prompt(text, errors.value, prompt_file)
 
     from llmgen import render
     from llmgen.scoring import score as score_text
 
     ckpt = orch.load(model, device, dtype.value, threads=threads)
-    result = score_text(ckpt.model, ckpt.encode(content), ckpt.bos_token_id)
+    context = orch.prompt_ids(ckpt, reply_to, chat=True, system=system) if chat else None
+    result = score_text(ckpt.model, ckpt.encode(content, special=not chat), ckpt.bos_token_id, context)
     if as_json:
-        _write_json(
-            {
-                "text": content,
-                "token_ids": result.token_ids,
-                "logprobs": result.logprobs,
-                "perplexity": result.perplexity,
-            }
-        )
+        prompt = {"prompt": reply_to, "prompt_token_ids": context} if chat else {}
+        _write_json({**prompt, "text": content, "token_ids": result.token_ids, "logprobs": result.logprobs,
+                     "perplexity": result.perplexity})
         return
     tokens = [ckpt.token_text(t) for t in result.token_ids]
     render.stdout_console().print(render.score_table(tokens, result.token_ids, result.logprobs, result.perplexity), soft_wrap=False)

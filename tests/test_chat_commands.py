@@ -49,3 +49,21 @@ def test_compare_says_when_its_sample_is_not_what_was_asked(capsys):
     assert main(["compare", "I like", "-t", "0", "-n", "3", "--max-expansions", "50", "--json"]) == 0
     sample = _out(capsys)[-1]
     assert sample["strategy"].startswith("sample (T=1") and "-t 0 is the greedy row" in sample["note"]
+
+
+def test_score_a_reply_in_its_chat_context(chat_model, capsys):
+    """--chat --reply-to scores TEXT as the assistant's answer: each token given the
+    rendered conversation, exactly the logprobs run --chat reports for those tokens."""
+    from llmgen.checkpoint import load_checkpoint
+    from llmgen.scoring import score
+
+    assert main(["run", "Hi there", "--model", chat_model, "--chat", "-n", "4", "-t", "0", "--json", "--ignore-eos"]) == 0
+    rec = _out(capsys)[0]
+    ckpt = load_checkpoint(chat_model, device="cpu")
+    scored = score(ckpt.model, rec["token_ids"], ckpt.bos_token_id, rec["prompt_token_ids"])
+    assert scored.logprobs == pytest.approx(rec["logprobs"], abs=1e-4)
+    assert main(["score", "a reply", "--model", chat_model, "--chat", "--reply-to", "Hi there", "--json"]) == 0
+    out = _out(capsys)[0]
+    assert out["prompt_token_ids"] == rec["prompt_token_ids"] and None not in out["logprobs"]
+    assert main(["score", "a reply", "--model", chat_model, "--chat"]) == 2
+    assert "--reply-to" in capsys.readouterr().err
