@@ -856,10 +856,17 @@ def pull(
     err = render.stderr_console()
     if entry.get("download_bytes"):
         err.print(render.download_notice(name, entry))
-    progress = render.TaskProgress(f"pull {name}", None)
-    with progress:
-        path = pull_model(name, DTYPES[dtype.value], progress.advance, progress.set_total,
-                          lambda size, seconds: err.print(render.downloaded(size, seconds)))
+    progress = render.TaskProgress(f"convert {name}", None)
+
+    def converting(tensors: int) -> None:  # the bar starts once pip's own download bar is done
+        progress.set_total(tensors)
+        progress.__enter__()
+
+    try:
+        path = pull_model(name, DTYPES[dtype.value], progress.advance, converting,
+                          lambda size, seconds: err.print(render.downloaded(size, seconds)), render.is_terminal(sys.stderr))
+    finally:
+        progress.__exit__(None, None, None)
     err.print(render.pulled_summary(name, path))
 
 

