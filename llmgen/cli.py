@@ -252,9 +252,8 @@ def run(
             if num_samples > 1 and render.is_terminal():
                 out.print(render.sample_header(i, s.seed, s.finish_reason, len(s.token_ids)))
             elif i:
-                out.file.write(between)
+                out.print(between, end="", markup=False, highlight=False)
             out.print(shown + s.text, markup=False, highlight=False)
-        out.file.flush()
     if show_probs:
         for s in samples:
             out.print(render.step_table(s, ckpt.token_text, out.width), soft_wrap=False)

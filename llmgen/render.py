@@ -54,7 +54,10 @@ class TextStream:
     def __call__(self, _row: int, _token: int, _logprob: float, delta: str) -> None:
         if delta:
             self.console.print(Text(delta), end="")
-            self.console.file.flush()
+            try:
+                self.console.file.flush()
+            except BrokenPipeError:  # the reader left (| head): end quietly, not as click's exit 1
+                raise OutputClosed from None
 
     def end(self) -> None:
         self.console.print()

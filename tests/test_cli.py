@@ -125,13 +125,22 @@ def test_stdin_prompt_and_dash(gpt2_dir):
     assert records[0] == records[1] == records[2]
 
 
-@pytest.mark.parametrize("fmt", ["", "--json"])
+@pytest.mark.parametrize("fmt", ["", "--json", "--json --stream", "--separator '\\0'"])
 def test_closed_pipe_ends_quietly(gpt2_dir, fmt):
-    """Far more output than a pipe buffers (~150 kB), so the writer really meets a closed pipe."""
+    """Far more output than a pipe buffers (~150 kB), so the writer really meets a closed
+    pipe: in plain output, records, token events, and between separated samples."""
     many = "--num-samples 1500 -n 100"
     cmd = f"{sys.executable} -m llmgen run 'I like' --model {gpt2_dir[0]} {many} -t 0 --ignore-eos {fmt} | head -c 3"
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True)
     assert proc.returncode == 0 and proc.stderr == b"" and len(proc.stdout) == 3
+
+
+def test_a_stream_into_a_closed_pipe_ends_quietly():
+    """One long streamed sample: the writer meets the closed pipe while flushing a token."""
+    cmd = f"{sys.executable} -m llmgen run 'I like' -n 3000 --ignore-eos --seed 1 | head -c 3"
+    for _ in range(3):
+        proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True)
+        assert proc.returncode == 0 and proc.stderr == b"" and len(proc.stdout) == 3
 
 
 def test_piped_output_has_no_control_codes(gpt2_dir):
