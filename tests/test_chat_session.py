@@ -113,33 +113,49 @@ def test_without_a_template_it_continues_text():
 def test_a_terminal_session_survives_ctrl_c():
     """Typed turns, a reply stopped by Ctrl-C (the session goes on), /undo, Ctrl-D."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "llmgen", "chat", "-t", "1", "--seed", "3", "--threads", "1"],
-                            stdin=slave, stdout=slave, stderr=slave, close_fds=True, env={**os.environ, "LLMGEN_HOME": "/tmp/llmgen-chat-test"})
+    # EOS banned and -n past the context: the reply is long enough to be interrupted
+    argv = [sys.executable, "-m", "llmgen", "chat", "-t", "1", "--seed", "3", "--threads", "1", "-n", "1000",
+            "--logit-bias", "0=-inf"]
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                            env={**os.environ, "LLMGEN_HOME": "/tmp/llmgen-chat-test"})
     os.close(slave)
-    seen = b""
+    seen, pos = b"", 0
 
-    def read_until(marker: bytes, timeout: float = 60) -> None:
+    def pump(timeout: float) -> None:
         nonlocal seen
-        deadline = time.time() + timeout
-        while marker not in seen and time.time() < deadline:
-            if select.select([master], [], [], 0.5)[0]:
-                try:
-                    seen += os.read(master, 4096)
-                except OSError:
-                    return
+        if select.select([master], [], [], timeout)[0]:
+            try:
+                seen += os.read(master, 4096)
+            except OSError:
+                pass
 
-    read_until(b"> ")
-    os.write(master, b"Once upon a time\n")
-    read_until(b"Once upon a time\r\n")
-    mark = len(seen)
-    while len(seen) < mark + 20:  # some of the reply is on screen
-        read_until(seen[-1:] + b"\x00", timeout=0.2)
-    proc.send_signal(signal.SIGINT)
-    read_until(b"interrupted")
-    read_until(b"> ")
-    os.write(master, b"/undo\n")
-    read_until(b"forgot")
-    os.write(master, b"\x04")  # Ctrl-D
-    assert proc.wait(timeout=30) == 0
-    os.close(master)
-    assert b"interrupted" in seen and b"forgot the last exchange" in seen
+    def wait_for(marker: bytes, timeout: float = 60) -> bool:
+        """The next ``marker`` after the last one found."""
+        nonlocal pos
+        deadline = time.time() + timeout
+        while (i := seen.find(marker, pos)) == -1:
+            if time.time() > deadline:
+                return False
+            pump(0.2)
+        pos = i + len(marker)
+        return True
+
+    try:
+        assert wait_for(b"> ")
+        os.write(master, b"Once upon a time\n")
+        assert wait_for(b"Once upon a time")
+        start = len(seen)
+        while len(seen) < start + 20:  # some of the reply is on screen
+            pump(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert wait_for(b"interrupted"), seen[-300:]
+        assert wait_for(b"> ")
+        os.write(master, b"/undo\n")
+        assert wait_for(b"forgot the last exchange")
+        assert wait_for(b"> ")
+        os.write(master, b"\x04")  # Ctrl-D on an empty line
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
