@@ -81,19 +81,14 @@ def generate_batch(
 
     Prompts of different lengths are left-padded; the cache masks the padding and
     position ids count from each row's first real token, so every row produces what it
-    would alone. Given a ``cache`` holding the first ``cached`` ids of a single row, only
-    the rest is prefilled, and the continuation is written on into that cache. A row that finishes leaves the batch (its cache row is dropped), so
-    the remaining steps cost only what the live rows need.
+    would alone. A row that finishes leaves the batch (its cache row is dropped), so the
+    remaining steps cost only what the live rows need. Given a ``cache`` holding the first
+    ``cached`` ids of a single row, only the rest is prefilled, and the continuation is
+    written on into that cache.
     """
-    started = time.perf_counter()
-    context = model.cfg.context_length
-    for row in rows:
-        check_prompt_fits(len(row.prompt_ids), context)
-    limits = [min(r.max_new_tokens, context - len(r.prompt_ids)) for r in rows]
-    ends = ["context" if context - len(r.prompt_ids) < r.max_new_tokens else "length" for r in rows]
+    last = _last_steps(rows, model.cfg.context_length)
     device = next(model.parameters()).device
-    ids, mask = pad([r.prompt_ids for r in rows], left=True)
-    ids, mask = ids.to(device), mask.to(device)
+    clock = _Clock(timings, device)
 
     greedy = gen.sampling.greedy
     sampler = build_sampler(
@@ -104,38 +99,22 @@ def generate_batch(
     texts = [ContinuationText(decode, gen.stop) for _ in rows]
     stop_ids = set(gen.stop_token_ids)
 
-    if cache is None:
-        cache = model.new_cache(len(rows), ids.shape[1] + max(limits))
-        cache.set_padding(mask)
-        positions = positions_from_mask(mask)
-        logits = model(ids, positions, cache)[:, -1].float()
-    else:  # one row whose first ``cached`` ids are in ``cache`` already (a chat's earlier turns)
-        cache.length = cached
-        positions = torch.arange(cached, ids.shape[1], device=device)[None]
-        logits = model(ids[:, cached:], positions, cache)[:, -1].float()
-    if timings is not None:
-        _sync(device)
-        timings.prompt_tokens = sum(len(r.prompt_ids) for r in rows)
-        timings.prompt_seconds = time.perf_counter() - started
-    next_pos = positions[:, -1:] + 1
+    cache, logits, next_pos = _prefill(model, rows, max(n for n, _ in last), device, cache, cached)
+    clock.prefilled(rows)
     live = list(range(len(rows)))  # which original row each cache row holds
     step = 0
     while live:
         next_ids = sampler.choose(logits)
         tokens = next_ids.tolist()
-        if step == 0:
-            first = time.perf_counter()
+        clock.chose()
         sampler.accept(tokens)
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = logprobs.gather(-1, next_ids[:, None])[:, 0].tolist()
         top = logprobs.topk(min(trace_top, logprobs.shape[-1])) if trace_top else None
         keep = []
         for slot, (row, token) in enumerate(zip(live, tokens)):
-            alts = None
-            if top is not None:
-                alts = tuple(Candidate(t, lp) for t, lp in zip(top.indices[slot].tolist(), top.values[slot].tolist()))
-            at_limit = ends[row] if step + 1 == limits[row] else None
-            delta = _record_token(samples[row], texts[row], token, chosen[slot], alts, stop_ids, at_limit)
+            at_limit = last[row][1] if step + 1 == last[row][0] else None
+            delta = _record_token(samples[row], texts[row], token, chosen[slot], _alternatives(top, slot), stop_ids, at_limit)
             if samples[row].finish_reason is None:
                 keep.append(slot)
             if on_token is not None:
@@ -153,11 +132,71 @@ def generate_batch(
         next_pos = next_pos + 1
     for sample, text in zip(samples, texts):
         sample.text = text.text
-    if timings is not None:
-        timings.first_token_seconds = first - started
-        timings.generated_tokens = sum(len(s.token_ids) for s in samples)
-        timings.generation_seconds = time.perf_counter() - first
+    clock.done(samples)
     return samples
+
+
+def _last_steps(rows: list[Row], context: int) -> list[tuple[int, str]]:
+    """Each row's last allowed step and the finish reason it gives: ``length`` when
+    max_new_tokens ends the row, ``context`` when the context runs out first."""
+    out = []
+    for r in rows:
+        check_prompt_fits(len(r.prompt_ids), context)
+        room = context - len(r.prompt_ids)
+        out.append((min(r.max_new_tokens, room), "context" if room < r.max_new_tokens else "length"))
+    return out
+
+
+def _prefill(model, rows: list[Row], room: int, device, cache=None, cached: int = 0):
+    """Every prompt through the model at once; returns the cache, the logits for each
+    row's first new token, and the position that token takes. Prompts are left-padded
+    into a new cache with ``room`` slots to spare; or, given a ``cache`` holding the
+    first ``cached`` ids of a single row, only the rest of that row is run."""
+    ids, mask = pad([r.prompt_ids for r in rows], left=True)
+    ids, mask = ids.to(device), mask.to(device)
+    if cache is None:
+        cache = model.new_cache(len(rows), ids.shape[1] + room)
+        cache.set_padding(mask)
+        positions = positions_from_mask(mask)
+        logits = model(ids, positions, cache)
+    else:
+        cache.length = cached
+        positions = torch.arange(cached, ids.shape[1], device=device)[None]
+        logits = model(ids[:, cached:], positions, cache)
+    return cache, logits[:, -1].float(), positions[:, -1:] + 1
+
+
+def _alternatives(top, slot: int) -> tuple[Candidate, ...] | None:
+    """One row's best candidates when tracing (``top`` from ``topk``), else None."""
+    if top is None:
+        return None
+    return tuple(Candidate(t, lp) for t, lp in zip(top.indices[slot].tolist(), top.values[slot].tolist()))
+
+
+class _Clock:
+    """Fills ``timings``, when asked for them, at the phases llama.cpp reports: the
+    prefill, the first chosen token, the end."""
+
+    def __init__(self, timings: Timings | None, device: torch.device) -> None:
+        self.timings, self.device = timings, device
+        self.started = time.perf_counter()
+        self.first: float | None = None
+
+    def prefilled(self, rows: list[Row]) -> None:
+        if self.timings is not None:
+            _sync(self.device)
+            self.timings.prompt_tokens = sum(len(r.prompt_ids) for r in rows)
+            self.timings.prompt_seconds = time.perf_counter() - self.started
+
+    def chose(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def done(self, samples: list[Sample]) -> None:
+        if self.timings is not None:
+            self.timings.first_token_seconds = self.first - self.started
+            self.timings.generated_tokens = sum(len(s.token_ids) for s in samples)
+            self.timings.generation_seconds = time.perf_counter() - self.first
 
 
 def _sync(device: torch.device) -> None:
