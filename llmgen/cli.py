@@ -12,7 +12,6 @@ import json
 import os
 import re
 import sys
-import time
 import traceback
 from dataclasses import replace
 from enum import Enum
@@ -236,24 +235,14 @@ def run(
 
     if as_json:
         extra = {"model": orch.model_label(model), "settings": config.effective(gen), "timings": timings.record()}
-        for s in samples:
-            steps = {"steps": render.steps_record(s, ckpt.token_text)} if show_probs else {}
-            _write_json(_record(text, ids, s.text, s.token_ids, s.logprobs, s.finish_reason, s.seed, **extra, **steps))
-        if show_tree:
-            _write_json({"event": "tree", "tree": render.prefix_tree_record(prefix_tree(samples), ckpt.token_text)})
+        _run_records(ckpt, text, ids, samples, extra, show_probs, show_tree)
         return
     if streaming:
         on_token.end()
     elif show_tree:
         out.print(render.samples_tree(prefix_tree(samples), ckpt.decode, text), soft_wrap=False)
     else:
-        between = _separator(separator, num_samples)
-        for i, s in enumerate(samples):
-            if num_samples > 1 and render.is_terminal():
-                out.print(render.sample_header(i, s.seed, s.finish_reason, len(s.token_ids)))
-            elif i:
-                out.print(between, end="", markup=False, highlight=False)
-            out.print(shown + s.text, markup=False, highlight=False)
+        _print_samples(out, samples, shown, _separator(separator))
     if show_probs:
         for s in samples:
             out.print(render.step_table(s, ckpt.token_text, out.width), soft_wrap=False)
@@ -272,7 +261,33 @@ def _shown_prompt(ckpt, text: str, ids: list[int], echo: bool, show_prompt: bool
     return ""
 
 
-def _separator(value: str | None, samples: int) -> str:
+def _run_records(ckpt, text: str, ids: list[int], samples, extra: dict, show_probs: bool, show_tree: bool) -> None:
+    """``run --json``: a record per sample (with its steps under --show-probs), then the
+    samples' tree under --show-tree."""
+    from llmgen import render
+    from llmgen.decoding.trace import prefix_tree
+
+    for s in samples:
+        steps = {"steps": render.steps_record(s, ckpt.token_text)} if show_probs else {}
+        _write_json(_record(text, ids, s.text, s.token_ids, s.logprobs, s.finish_reason, s.seed, **extra, **steps))
+    if show_tree:
+        _write_json({"event": "tree", "tree": render.prefix_tree_record(prefix_tree(samples), ckpt.token_text)})
+
+
+def _print_samples(out, samples, shown: str, between: str) -> None:
+    """Plain output of finished samples: a header above each on a terminal when there
+    are several, else ``between`` them."""
+    from llmgen import render
+
+    for i, s in enumerate(samples):
+        if len(samples) > 1 and render.is_terminal():
+            out.print(render.sample_header(i, s.seed, s.finish_reason, len(s.token_ids)))
+        elif i:
+            out.print(between, end="", markup=False, highlight=False)
+        out.print(shown + s.text, markup=False, highlight=False)
+
+
+def _separator(value: str | None) -> str:
     """Written between samples in plain output: ``--separator`` with backslash escapes
     (``\\n``, ``\\t``, ``\\0``) read, else a line of three dashes."""
     if value is None:
@@ -790,25 +805,17 @@ def batch(
         return
 
     ckpt = orch.load(model, device, dtype.value, threads=threads)
-    started = time.perf_counter()  # the summary's rate is generation's, not loading's
     base = seed if seed is not None else batching.base_seed_from(done, records)
     jobs = orch.batch_jobs(ckpt, todo, options, base if base is not None else orch.draw_seed())
     _stop_on_invalid(input_path, todo, skip_invalid)
     errors = [batching.error_record(r) for r in todo if r.error is not None]
     if errors:
         sink.write(errors)
-    tokens = 0
-
-    def on_batch(records: int, generated: int) -> None:
-        nonlocal tokens
-        tokens += generated
-        progress.update(records, generated)
-
-    with render.BatchProgress(len(todo), already=len(errors)) as progress:
-        batching.run_batches(ckpt, batching.plan(jobs, batch_size), sink, on_batch, orch.model_label(model))
+    with render.BatchProgress(len(todo), already=len(errors)) as progress:  # counts tokens and time, after loading
+        batching.run_batches(ckpt, batching.plan(jobs, batch_size), sink, progress.update, orch.model_label(model))
     sink.close()
     render.stderr_console().print(render.batch_summary(
-        len(mine), len(mine) - len(todo), len(todo), tokens, time.perf_counter() - started, output, errors=len(errors)))
+        len(mine), len(mine) - len(todo), len(todo), progress.tokens, progress.seconds(), output, errors=len(errors)))
 
 
 def _stop_on_invalid(input_path: str, records, skip_invalid: bool) -> None:

@@ -504,9 +504,12 @@ class BatchProgress(_StderrBar):
         self.started = time.perf_counter()
         self.tokens = 0
 
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
     def update(self, records: int, tokens: int) -> None:
         self.tokens += tokens
-        rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        rate = self.tokens / max(self.seconds(), 1e-9)
         self.progress.update(self.task, advance=records, rate=f"{rate:,.0f}")
 
 
