@@ -54,15 +54,18 @@ class ChatSession:
 
     # -- the conversation
 
-    def conversation(self) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+    def conversation(self, messages: list[dict] | None = None) -> list[dict]:
+        """The system message, if any, then ``messages`` (default: the whole exchange)."""
+        return ([{"role": "system", "content": self.system}] if self.system else []) + (
+            self.messages if messages is None else messages)
 
-    def prompt_ids(self) -> list[int]:
-        """The conversation as the model sees it, ending where the reply begins."""
+    def prompt_ids(self, messages: list[dict] | None = None) -> list[int]:
+        """The conversation (or its first ``messages``) as the model sees it, ending where
+        the reply begins."""
+        turns = self.conversation(messages)
         if self.templated:
-            return self.ckpt.encode(chats.render_messages(self.ckpt.path, self.conversation()), special=False)
-        text = "".join(m["content"] for m in self.conversation())
-        return orch.prompt_ids(self.ckpt, text)
+            return self.ckpt.encode(chats.render_messages(self.ckpt.path, turns), special=False)
+        return orch.prompt_ids(self.ckpt, "".join(m["content"] for m in turns))
 
     def last_turn_prompt(self) -> list[int]:
         """The ids the last reply answered (also for a transcript just loaded)."""
@@ -71,11 +74,7 @@ class ChatSession:
         messages = self.messages[:-1] if self.messages and self.messages[-1]["role"] == "assistant" else self.messages
         if not messages:
             raise LlmgenError("no turn yet")
-        kept, self.messages = self.messages, messages
-        try:
-            return self.prompt_ids()
-        finally:
-            self.messages = kept
+        return self.prompt_ids(messages)
 
     def reply(self, text: str, on_token=None):
         self.messages.append({"role": "user", "content": text if self.templated else self._continued(text)})

@@ -25,6 +25,7 @@ QWEN2_SPLIT = (
 SPLITS = {"llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "llama-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}
 SPACE = "\u2581"
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+GEMMAS = ("gemma", "gemma2", "gemma3")
 
 
 def gguf_tokenizer(fields):
@@ -69,8 +70,8 @@ def _sentencepiece_bpe(fields, tokens):
     merges (which the file does not store) are recovered from the vocabulary."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    family = fields.arch
-    if family in ("gemma", "gemma2", "gemma3"):
+    family, stored = fields.arch, tokens  # as the file spells them: what its token types refer to
+    if family in GEMMAS:
         # Gemma stores a token of several spaces with real spaces, and its scores do not
         # follow its merge order: the file's order does.
         tokens = [SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
@@ -82,7 +83,7 @@ def _sentencepiece_bpe(fields, tokens):
     tok = Tokenizer(models.BPE(vocab, merges_from_scores(tokens, ranks), fuse_unk=True, byte_fallback=True,
                                unk_token=tokens[int(unk)] if unk is not None else None))
     steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-    if family in ("gemma", "gemma2", "gemma3"):  # no prefix space; spaces respelled by a normalizer
+    if family in GEMMAS:  # no prefix space; spaces respelled by a normalizer
         tok.normalizer = normalizers.Replace(" ", SPACE)
         tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
     elif family == "phi3":  # the prefix space comes from a normalizer, so "  hi" keeps all its spaces
@@ -92,7 +93,7 @@ def _sentencepiece_bpe(fields, tokens):
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=False)
         steps.append(decoders.Strip(content=" ", left=1))
     tok.decoder = decoders.Sequence(steps)
-    _add_marked_tokens(tok, fields, fields.get("tokenizer.ggml.tokens"), lambda t: True)
+    _add_marked_tokens(tok, fields, stored, lambda t: True)
     bos = fields.get("tokenizer.ggml.bos_token_id")
     if bos is not None and fields.get("tokenizer.ggml.add_bos_token", True):
         bos_token = tokens[int(bos)]
