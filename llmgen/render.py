@@ -6,6 +6,7 @@ text with no control codes, so the same views work in a terminal and in a pipeli
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -13,6 +14,7 @@ import time
 
 from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -304,49 +306,98 @@ def distribution_table(dist, token_text, top: int, title: str, width: int | None
                        caption: str = "") -> Table:
     """Top tokens by model probability: raw, after temperature, after the sampler stages,
     and what each stage did to them; the drawn token is added below when it is not among
-    them. Tokens and numbers never wrap: as ``width`` narrows, the bars go first (below 72
-    columns), then the id column and the borders. ``token_width`` keeps the
-    token column as wide in every step's table."""
-    bars = width is None or width >= 72
-    narrow = width is not None and width < 72
-    table = Table(title=title, title_justify="left", caption_justify="left")
-    if narrow:
-        table.box, table.padding, table.pad_edge, table.show_edge = box.SIMPLE_HEAD, (0, 1), False, False
-    table.add_column("#", justify="right", style="dim", no_wrap=True)
-    table.add_column("token", no_wrap=True, min_width=max(6, token_width))
-    if not narrow:
-        table.add_column("id", justify="right", style="dim", no_wrap=True)
-    table.add_column("p" if narrow else "model p", justify="right", no_wrap=True, min_width=6)
-    if bars:
-        table.add_column("p / top p", min_width=10, no_wrap=True)
-    table.add_column("p@T" if narrow else "after T", justify="right", no_wrap=True, min_width=6)
-    table.add_column("final" if narrow else "final p", justify="right", no_wrap=True, min_width=6)
+    them. Tokens and numbers never wrap: as ``width`` narrows, the bars go first, then the
+    id column and the borders, then the after-T column. ``token_width`` keeps the token
+    column as wide in every step's table."""
     ranked = sorted(range(len(dist.raw)), key=lambda i: -dist.raw[i])
     order = ranked[:top]
     if dist.chosen not in order:  # the drawn token, wherever it ranked
         order.append(dist.chosen)
     notes = [_stage_note(dist.changed_by.get(t, []), dist.removed_by[t]) for t in order]
     widest = max((len(part) for note in notes for part in note.split("; ")), default=0)
-    table.add_column("stages", min_width=max(6, widest))  # wraps between stages, never inside one
     peak = dist.raw[ranked[0]] or 1.0
-    for tok in order:
-        chosen = tok == dist.chosen
-        style = "bold green" if chosen else ("dim" if dist.removed_by[tok] else "")
-        table.add_row(
-            str(ranked.index(tok) + 1),
-            token_label(token_text(tok)) + (" ◀" if chosen else ""),
-            *[str(tok)] * (not narrow),
-            prob_text(dist.raw[tok]),
-            *[Text(_bar(dist.raw[tok] / peak, 10), style="cyan")] * bars,
-            prob_text(dist.tempered[tok]),
-            prob_text(dist.final[tok]) if dist.final[tok] > 0 else "—",
-            notes[order.index(tok)],
-            style=style,
-        )
     kept = sum(1 for p in dist.final if p > 0)
-    table.caption = f"{kept} of {len(dist.raw)} tokens can be drawn · samplers: {' → '.join(dist.order)}" + (
+    full_caption = f"{kept} of {len(dist.raw)} tokens can be drawn · samplers: {' → '.join(dist.order)}" + (
         f" · {caption}" if caption else "")
+
+    def layout(framed: bool, bars: bool, tempered: bool) -> Table:
+        table = Table(title=title, title_justify="left", caption=full_caption, caption_justify="left")
+        if not framed:
+            table.box, table.padding, table.pad_edge, table.show_edge = box.SIMPLE_HEAD, (0, 1), False, False
+        table.add_column("#", justify="right", style="dim", no_wrap=True)
+        table.add_column("token", no_wrap=True, min_width=max(6, token_width))
+        if framed:
+            table.add_column("id", justify="right", style="dim", no_wrap=True)
+        table.add_column("model p" if framed else "p", justify="right", no_wrap=True, min_width=6)
+        if bars:
+            table.add_column("p / top p", min_width=10, no_wrap=True)
+        if tempered:
+            table.add_column("after T" if framed else "p@T", justify="right", no_wrap=True, min_width=6)
+        table.add_column("final p" if framed else "final", justify="right", no_wrap=True, min_width=6)
+        table.add_column("stages", min_width=max(6, widest))  # wraps between stages, never inside one
+        for tok, note in zip(order, notes):
+            chosen = tok == dist.chosen
+            table.add_row(
+                str(ranked.index(tok) + 1),
+                token_label(token_text(tok)) + (" ◀" if chosen else ""),
+                *[str(tok)] * framed,
+                prob_text(dist.raw[tok]),
+                *[Text(_bar(dist.raw[tok] / peak, 10), style="cyan")] * bars,
+                *[prob_text(dist.tempered[tok])] * tempered,
+                prob_text(dist.final[tok]) if dist.final[tok] > 0 else "—",
+                note,
+                style="bold green" if chosen else ("dim" if dist.removed_by[tok] else ""),
+            )
+        return table
+
+    return widest_that_fits(width, [lambda: layout(True, True, True), lambda: layout(True, False, True),
+                                    lambda: layout(False, False, True), lambda: layout(False, False, False)])
+
+
+def widest_that_fits(width: int | None, layouts: list) -> Table:
+    """The first of ``layouts`` (richest first) that fits in ``width`` columns with every
+    no-wrap cell whole, with its column widths set. Rich's own squeeze can leave a table
+    wider than the terminal, cropping its right edge (a header, a caption, a number), or
+    shorten no-wrap cells with an ellipsis."""
+    if width is None:
+        return layouts[0]()
+    for build in layouts:
+        table = build()
+        if _fit_columns(table, width):
+            return table
     return table
+
+
+def _fit_columns(table: Table, width: int) -> bool:
+    """Set ``table``'s column widths to fit ``width``, if it can: no-wrap columns as wide as
+    their widest cell, the others at least their longest word, the spare room shared among
+    these up to their widest cell. False (and nothing set) when even that is too wide."""
+    scratch = Console(width=10**4, file=io.StringIO(), color_system=None)
+    _, right, _, left = table.padding
+    ranges = []
+    for column in table.columns:
+        cells = [column.header, *column.cells] if table.show_header else list(column.cells)
+        sizes = [Measurement.get(scratch, scratch.options, cell) for cell in cells]
+        widest = max((m.maximum for m in sizes), default=0)
+        least = widest if column.no_wrap else max((m.minimum for m in sizes), default=0)
+        floor = column.min_width or 0
+        ranges.append((max(least, floor), max(widest, floor)))
+    rules = (len(table.columns) - 1 + 2 * table.show_edge) if table.box else 0
+    padding = (left + right) * len(table.columns) - (0 if table.pad_edge or not table.columns else left + right)
+    spare = width - rules - padding - sum(low for low, _ in ranges)
+    if spare < 0:
+        return False
+    if spare >= sum(high - low for low, high in ranges):
+        return True  # drawn at its natural width
+    widths = [low for low, _ in ranges]
+    by_want = sorted(range(len(ranges)), key=lambda i: ranges[i][1] - ranges[i][0])
+    for k, i in enumerate(by_want):  # an equal share each; what the modest ones leave passes on
+        give = min(ranges[i][1] - widths[i], spare // (len(by_want) - k))
+        widths[i] += give
+        spare -= give
+    for column, w in zip(table.columns, widths):
+        column.width = w
+    return True
 
 
 def _bar(p: float, cells: int) -> str:
@@ -370,22 +421,21 @@ def step_table(sample, token_text, width: int | None = None) -> Table:
         alts = [a for a in step.alternatives if a.token_id != step.token_id][:5]
         rows.append([str(i), token_label(token_text(step.token_id)), prob_text(math.exp(step.logprob)),
                      *[f"{token_label(token_text(a.token_id))} {prob_text(math.exp(a.logprob))}" for a in alts]])
-    headers = ["#", "chosen", "p", "next best", "#3", "#4", "#5", "#6"]
+    headers = ["next best", "#3", "#4", "#5", "#6"]
 
-    def needed(columns: int) -> int:  # each column's widest cell, plus a border and padding per column
-        return 1 + sum(3 + max(len(headers[c]), *(len(r[c]) for r in rows if c < len(r))) for c in range(columns))
+    def layout(shown: int) -> Table:
+        table = Table(title="step by step", title_justify="left")
+        table.add_column("#", justify="right", style="dim", no_wrap=True)
+        table.add_column("chosen", no_wrap=True)
+        table.add_column("p", justify="right", no_wrap=True)
+        for header in headers[:shown]:
+            table.add_column(header, no_wrap=True, style="dim")
+        for r in rows:
+            cells = r[3 : 3 + shown]
+            table.add_row(*r[:3], *cells, *[""] * (shown - len(cells)))
+        return table
 
-    shown = max(1, max((k for k in range(1, 6) if width is None or not rows or needed(3 + k) <= width), default=1))
-    table = Table(title="step by step", title_justify="left")
-    table.add_column("#", justify="right", style="dim", no_wrap=True)
-    table.add_column("chosen", no_wrap=True)
-    table.add_column("p", justify="right", no_wrap=True)
-    for n in range(shown):
-        table.add_column(headers[3 + n], no_wrap=True, style="dim")
-    for r in rows:
-        cells = r[3 : 3 + shown]
-        table.add_row(*r[:3], *cells, *[""] * (shown - len(cells)))
-    return table
+    return widest_that_fits(width, [lambda k=k: layout(k) for k in range(5, 0, -1)])
 
 
 def chat_banner(model: str, templated: bool, seed: int) -> Text:
@@ -460,22 +510,31 @@ def exact_summary(result, max_expansions: int) -> Text:
 
 def compare_table(rows: list[dict], width: int | None = None) -> Table:
     """One row per strategy: its text and the total log-probability of the sequence.
-    Below 80 columns of ``width`` the borders go, so the texts keep their room."""
-    table = Table(title="decoding strategies compared", title_justify="left")
-    if width is not None and width < 80:
-        table.box, table.padding, table.pad_edge, table.show_edge = box.SIMPLE_HEAD, (0, 1), False, False
-    table.add_column("strategy", overflow="fold", min_width=8)
-    table.add_column("continuation", overflow="fold", min_width=12)
-    table.add_column("tokens", justify="right", no_wrap=True)
-    table.add_column("logprob", justify="right", no_wrap=True)
-    table.add_column("note", style="dim", overflow="fold", min_width=4)
+    As ``width`` narrows the borders go, then the note joins the strategy's cell, so the
+    texts keep their room."""
     top = max(rows, key=lambda r: r["logprob"], default=None)
-    for r in rows:
-        # the same tokens are the same sequence, though two searches sum its logprob in a different order
-        best = top is not None and (r["token_ids"] == top["token_ids"] or math.isclose(r["logprob"], top["logprob"], abs_tol=1e-6))
-        style = "bold green" if best else ""
-        table.add_row(r["strategy"], token_label(r["text"]), str(len(r["token_ids"])), f"{r['logprob']:.3f}", r.get("note", ""), style=style)
-    return table
+
+    def layout(framed: bool, note_column: bool) -> Table:
+        table = Table(title="decoding strategies compared", title_justify="left")
+        if not framed:
+            table.box, table.padding, table.pad_edge, table.show_edge = box.SIMPLE_HEAD, (0, 1), False, False
+        table.add_column("strategy", overflow="fold", min_width=8)
+        table.add_column("continuation", overflow="fold", min_width=12)
+        table.add_column("tokens", justify="right", no_wrap=True)
+        table.add_column("logprob", justify="right", no_wrap=True)
+        if note_column:
+            table.add_column("note", style="dim", overflow="fold", min_width=4)
+        for r in rows:
+            # the same tokens are the same sequence, though two searches sum its logprob in a different order
+            best = top is not None and (r["token_ids"] == top["token_ids"] or math.isclose(r["logprob"], top["logprob"], abs_tol=1e-6))
+            strategy = Text(r["strategy"])
+            if not note_column and r.get("note"):
+                strategy.append(f" {r['note']}", style="dim")
+            table.add_row(strategy, token_label(r["text"]), str(len(r["token_ids"])), f"{r['logprob']:.3f}",
+                          *[r.get("note", "")] * note_column, style="bold green" if best else "")
+        return table
+
+    return widest_that_fits(width, [lambda: layout(True, True), lambda: layout(False, True), lambda: layout(False, False)])
 
 
 def batch_summary(total: int, already: int, done: int, tokens: int, seconds: float, output, errors: int = 0) -> Text:
