@@ -80,7 +80,7 @@ DtypeOpt = Annotated[Dtype, typer.Option(help="auto: float32 on CPU, bfloat16 on
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON records instead of text.")]
 PromptArg = Annotated[Optional[str], typer.Argument(
     help="Text to continue; '-' or a pipe reads stdin (piped text and PROMPT together are joined).", show_default=False)]
-PromptFileOpt = Annotated[Optional[str], typer.Option("--prompt-file", "-f", help="Read the prompt from this file.", show_default=False)]
+PromptFileOpt = Annotated[Optional[str], typer.Option("--prompt-file", "-f", metavar="PATH", help="Read the prompt from this file.", show_default=False)]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random seed; sample i uses seed + i. Default: random, and reported.")]
 EchoOpt = Annotated[bool, typer.Option("--echo", help="Print the prompt before the continuation.")]
 ShowTreeOpt = Annotated[bool, typer.Option("--show-tree", help="Draw the search tree.")]
