@@ -4,7 +4,7 @@ Records are grouped by sampling settings, sorted by prompt length to reduce padd
 and generated in batches (``decoding.greedy_sample.generate_batch``). Each batch's
 records are appended and flushed as soon as they are done, so after a crash or
 ``kill -9`` re-running the same command repairs a torn last line, skips the records
-already written and generates only the rest. Every record carries its ``index`` (its
+already written and generates only the rest (``batch_output`` guards the file). Every record carries its ``index`` (its
 position in the input), so the output can be put back in input order with
 ``jq -s 'sort_by(.index)[]'``.
 
@@ -15,7 +15,6 @@ Seeds: a record's own ``seed``, else ``--seed`` + index (a random base when no
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from llmgen import config
+from llmgen.batch_output import Sink, lines_of
 from llmgen.errors import LlmgenError, UsageError
 
 # A record may set any generation setting by its name (``top_p``), besides these.
 RECORD_KEYS = {"prompt", "id", "seed", *config.BY_NAME}
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+BOM = b"\xef\xbb\xbf"  # Windows editors begin UTF-8 files with it
 
 
 @dataclass
@@ -56,7 +57,7 @@ def parse_shard(value: str | None) -> tuple[int, int]:
 def read_input(path: str, stdin=None) -> list[InputRecord]:
     """Every record of INPUT, each with an ``error`` if it is malformed (never raised here)."""
     if path == "-":
-        raw = (stdin or sys.stdin.buffer).read()
+        raw = (stdin or sys.stdin.buffer).read().removeprefix(BOM)
         name = "<stdin>"
         jsonl = raw.lstrip()[:1] == b"{"
     else:
@@ -66,13 +67,14 @@ def read_input(path: str, stdin=None) -> list[InputRecord]:
         except OSError as e:
             raise LlmgenError(f"{path}: cannot read input ({e.strerror or e})") from None
         name, jsonl = path, p.suffix.lower() in JSONL_SUFFIXES
+        raw = raw.removeprefix(BOM)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise LlmgenError(f"{name}:{line}: not valid UTF-8") from None
     records = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(lines_of(text), 1):
         if not line.strip():
             continue
         rec = InputRecord(index=len(records), line=number)
@@ -86,9 +88,12 @@ def read_input(path: str, stdin=None) -> list[InputRecord]:
 
 def _parse_json_record(rec: InputRecord, line: str) -> None:
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, parse_constant=_not_json)
     except json.JSONDecodeError as e:
         rec.error = f"not JSON ({e.msg})"
+        return
+    except ValueError as e:
+        rec.error = str(e)
         return
     if not isinstance(obj, dict):
         rec.error = "expected a JSON object"
@@ -99,6 +104,10 @@ def _parse_json_record(rec: InputRecord, line: str) -> None:
         return
     if not isinstance(obj.get("prompt"), str):
         rec.error = 'needs a "prompt" string'
+        return
+    text = next((v for v in _strings(obj) if not _encodable(v)), None)
+    if text is not None:
+        rec.error = f"holds a lone surrogate ({_short(text)}): not text that can be written as UTF-8"
         return
     rec.prompt, rec.id = obj["prompt"], obj.get("id")
     try:
@@ -115,38 +124,6 @@ def _parse_json_record(rec: InputRecord, line: str) -> None:
         rec.error = e.in_record()
 
 
-# ---------------------------------------------------------------- the output file
-
-
-def load_existing(path: Path, records: list[InputRecord], overwrite: bool) -> dict[int, dict]:
-    """Records already in OUTPUT, after repairing a torn last line.
-
-    Refuses (unless ``overwrite``) when OUTPUT holds records that do not match INPUT."""
-    if not path.exists():
-        return {}
-    if overwrite:
-        path.write_bytes(b"")
-        return {}
-    data = path.read_bytes()
-    good_end = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
-    if good_end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-    done: dict[int, dict] = {}
-    for number, line in enumerate(data[:good_end].decode("utf-8", "replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out = json.loads(line)
-            index = out["index"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise LlmgenError(f"{path}:{number}: not an llmgen batch record; use --overwrite or another -o") from None
-        if not (isinstance(index, int) and 0 <= index < len(records)) or out.get("prompt", records[index].prompt) != records[index].prompt:
-            raise LlmgenError(f"{path} holds records of a different input (line {number}); use --overwrite to replace it")
-        done[index] = out
-    return done
-
-
 def base_seed_from(done: dict[int, dict], records: list[InputRecord]) -> int | None:
     """The ``--seed`` base a previous run used, read back from a record that had no seed of its own."""
     for index, out in done.items():
@@ -155,42 +132,61 @@ def base_seed_from(done: dict[int, dict], records: list[InputRecord]) -> int | N
     return None
 
 
-class Sink:
-    """Appends JSON lines and flushes after each batch, so a kill loses at most one batch.
+def check_resume(done: dict[int, dict], jobs: list[Job], model: str, path: Path) -> None:
+    """Refuse to resume OUTPUT with different settings: its records and the new ones would
+    mix two experiments in one file. Each record already written is compared with what
+    this run would write for it: model, prompt tokens (chat template, system message and
+    truncation live there), settings and seed."""
+    for job in jobs:
+        out = done.get(job.record.index)
+        if out is None:
+            continue
+        now = {"model": model, "prompt_token_ids": job.prompt_ids, "settings": config.effective(job.gen), "seed": job.gen.seed}
+        for key, value in now.items():
+            before = out.get(key)
+            if key == "seed" and (before is None or value is None):
+                continue
+            if before != value:
+                if key == "settings":
+                    key, before, value = _first_difference(before or {}, value)
+                raise LlmgenError(f"{path} was written with other settings ({key}: {_short(before)} in record "
+                                  f"{job.record.index}, {_short(value)} now); nothing was changed. Resume with the "
+                                  "same flags, or use --overwrite or another -o")
 
-    With ``order`` (the indices to expect, in input order) a record is held until every
-    one before it has been written, so the output reads in input order; a kill then
-    loses what was held, which the next run regenerates."""
 
-    def __init__(self, path: Path | None, order: list[int] | None = None) -> None:
-        self.path = path
-        self.order, self.held, self.next = order, {}, 0
-        try:
-            self.stream = open(path, "a", encoding="utf-8") if path else None
-        except OSError as e:
-            raise LlmgenError(f"{path}: cannot write output ({e.strerror or e})") from None
+def _first_difference(before: dict, now: dict) -> tuple[str, Any, Any]:
+    key = next(k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
+    return key, before.get(key, "unset"), now.get(key, "unset")
 
-    def write(self, records: list[dict]) -> None:
-        if self.order is not None:
-            self.held.update((r["index"], r) for r in records)
-            records = []
-            while self.next < len(self.order) and self.order[self.next] in self.held:
-                records.append(self.held.pop(self.order[self.next]))
-                self.next += 1
-            if not records:
-                return
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        if self.stream is None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        else:
-            self.stream.write(text)
-            self.stream.flush()
-            os.fsync(self.stream.fileno())
 
-    def close(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _not_json(word: str):
+    raise ValueError(f"{word} is not JSON (JSON numbers are finite)")
+
+
+def _strings(value: Any):
+    """Every string inside a parsed JSON value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- running

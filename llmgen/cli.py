@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -778,6 +779,7 @@ def batch(
     """
     from llmgen import batch as batching
     from llmgen import orchestrate as orch
+    from llmgen.batch_output import Output
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
@@ -792,10 +794,11 @@ def batch(
     records = batching.read_input(input_path)
     mine = [r for r in records if r.index % shard_n == shard_i]
     _stop_on_invalid(input_path, mine, skip_invalid)
-    done = batching.load_existing(output, records, overwrite) if output else {}
+    # locked, checked and repaired now, before the model loads
+    out_file = Output(output, [r.prompt for r in records], overwrite) if output else None
+    done = out_file.done if out_file else {}
     todo = [r for r in mine if r.index not in done]
-    # fails now, before the model loads, if OUTPUT is unwritable
-    sink = batching.Sink(output, [r.index for r in todo] if ordered else None)
+    sink = batching.Sink(out_file, [r.index for r in todo] if ordered else None)
 
     from llmgen import render
 
@@ -806,7 +809,13 @@ def batch(
 
     ckpt = orch.load(model, device, dtype.value, threads=threads)
     base = seed if seed is not None else batching.base_seed_from(done, records)
-    jobs = orch.batch_jobs(ckpt, todo, options, base if base is not None else orch.draw_seed())
+    base = base if base is not None else orch.draw_seed()
+    if base + max(r.index for r in todo) >= 2**63:
+        raise UsageError(f"--seed {base} + a record's index ({max(r.index for r in todo)}) passes the largest seed, 2**63 - 1")
+    if done:
+        batching.check_resume(done, orch.batch_jobs(ckpt, [r for r in mine if r.index in done], options, base),
+                              orch.model_label(model), output)
+    jobs = orch.batch_jobs(ckpt, todo, options, base)
     _stop_on_invalid(input_path, todo, skip_invalid)
     errors = [batching.error_record(r) for r in todo if r.error is not None]
     if errors:
@@ -987,7 +996,45 @@ def command():
                 _argument_conventions(param)
             elif not getattr(param, "is_flag", False) and param.metavar is None:
                 param.metavar = _option_metavar(param)
+            _strict_numbers(param)
     return group
+
+
+def _strict_numbers(param) -> None:
+    """Typer 0.29 parses numbers with Pydantic's lax rules: ``-n 1000000000.0`` is an
+    integer and ``-t inf`` or ``nan`` a temperature. Every number flag takes the strict
+    parser instead, which refuses those as a usage error naming the flag."""
+    desc = getattr(param, "type_descriptor", None)
+    if desc is None or desc.parameter_info.parser is not None or desc.is_choice:
+        return
+    annotation = desc.annotation
+    while getattr(annotation, "__args__", None):  # Optional[int] -> int
+        annotation = next(a for a in annotation.__args__ if a is not type(None))
+    parser = {int: _integer, float: _finite}.get(annotation)
+    if parser is not None:
+        desc.parameter_info.parser = parser
+
+
+def _integer(text):
+    if isinstance(text, int):
+        return text
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+
+
+def _finite(text):
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
 
 
 def _option_metavar(param) -> str:
@@ -1033,7 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
         code = _quiet_broken_pipe()
     except Exception as e:
         if _is_parse_error(e):
-            message = e.format_message()
+            message = e.format_message().replace("Value error, ", "")  # Pydantic's prefix on our parsers' words
             if type(e).__name__ == "NoArgsIsHelpError":  # a bare `llmgen` asks for help, not an error
                 sys.stdout.write(message + "\n")
                 return _finish(argv, 0)

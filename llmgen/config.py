@@ -294,12 +294,17 @@ class GenerationConfig:
 def effective(gen: GenerationConfig) -> dict[str, Any]:
     """The settings a run used, as a record's ``settings``: ``max_new_tokens``, the
     temperature, and every other setting that is not at its neutral default, under the
-    names a batch record takes, so the record can be replayed as is."""
+    names a batch record takes, so the record can be replayed as is; and ``stop`` and
+    ``ignore_eos`` when given."""
     out: dict[str, Any] = {"max_new_tokens": gen.max_new_tokens, "temperature": gen.sampling.temperature}
     for f in fields(SamplingConfig):
         value = getattr(gen.sampling, f.name)
         if f.name != "temperature" and value != f.default and not (f.default_factory is not MISSING and value == f.default_factory()):
             out[f.name] = list(value) if isinstance(value, tuple) else value
+    if gen.stop:  # flags of run and batch rather than record fields, but they decide the text too
+        out["stop"] = list(gen.stop)
+    if gen.ignore_eos:
+        out["ignore_eos"] = True
     return out
 
 

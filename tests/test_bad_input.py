@@ -72,3 +72,15 @@ def test_missing_batch_file(gpt2_dir, tmp_path, capsys):
 def test_unknown_choices(gpt2_dir, capsys, flag, value):
     code = main(["run", "I like", "--model", str(gpt2_dir[0]), flag, value])
     assert code in (1, 2) and one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "x", "-n", "1000000000.0"], ["run", "x", "-t", "inf"], ["run", "x", "-t", "nan"], ["probs", "x", "--top-p", "NaN"],
+    ["beam", "x", "--length-penalty", "nan"], ["beam", "x", "--width", "2.0"], ["batch", "-", "-b", "1e3"],
+    ["train", "x", "--lr", "inf"], ["exact", "x", "--max-expansions", "-inf"], ["run", "x", "--dry-base", "infinity"],
+])
+def test_numbers_are_strict_and_finite(args, capsys):
+    """Typer's lax parsing took '3.0' as an integer and 'inf'/'nan' as floats."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert one_line_error(err) and "Invalid value for" in err and ("not an integer" in err or "not a finite number" in err), err

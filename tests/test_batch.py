@@ -159,7 +159,7 @@ def test_output_of_another_input_is_not_touched(tmp_path, gpt2_dir):
 def test_unwritable_output_fails_before_loading(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("I like\n")
     code = main(["batch", str(tmp_path / "a.txt"), "-o", str(tmp_path / "no" / "out.jsonl"), "--model", str(tmp_path / "no-model")])
-    assert code == 1 and "cannot write output" in capsys.readouterr().err
+    assert code == 1 and "cannot write" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("shard", ["3/3", "x", "1/0"])
