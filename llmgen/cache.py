@@ -1,14 +1,23 @@
-"""A preallocated key/value cache, so each decode step computes one new position only.
+"""A key/value cache written in place, so each decode step computes one new position only.
 
-The buffers are sized once for the whole run (prompt + max new tokens) and written in
-place; a step never allocates or concatenates. Every row of a batch shares one write
-position (``length``): prompts of different lengths are left-padded, and ``key_mask``
-marks the padding slots that no query may attend to.
+The buffers hold ``capacity`` positions and are written in place; a step never
+allocates or concatenates, except when the run outgrows them: then they double, up to
+``max_len`` (the prompt plus the most new tokens). Starting small matters because a
+chat reply may run to the end of the context: Qwen3's 40k positions would be 9 GB
+reserved up front for a reply of a few hundred tokens. Every allocation is checked
+against the free memory first, so a size that cannot fit is an error saying so, not an
+allocator's crash. Every row of a batch shares one write position (``length``): prompts
+of different lengths are left-padded, and ``key_mask`` marks the padding slots that no
+query may attend to.
 """
 
 from __future__ import annotations
 
 import torch
+
+from llmgen.errors import LlmgenError
+
+FIRST_CAPACITY = 256  # positions beyond the first write reserved at once
 
 
 class KVCache:
@@ -22,12 +31,36 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.shape = (n_layers, batch, n_kv_heads, 0, head_dim)
+        self.dtype, self.device = dtype, torch.device(device)
         self.max_len = max_len
         self.length = 0
-        self.key_mask: torch.Tensor | None = None  # [batch, max_len] bool, None = no padding
+        self.k = self.v = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.key_mask: torch.Tensor | None = None  # [batch, capacity] bool, None = no padding
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def reserve(self, positions: int) -> None:
+        """Room for ``positions`` slots in all: the buffers grow (at least doubling, at
+        most to ``max_len``), keeping what they hold."""
+        if positions <= self.capacity:
+            return
+        if positions > self.max_len:
+            raise ValueError(f"KV cache full: {positions} positions > {self.max_len}")
+        size = min(self.max_len, max(positions + FIRST_CAPACITY * (self.capacity == 0), 2 * self.capacity))
+        n_layers, batch, heads, _, head_dim = self.k.shape
+        check_room(2 * n_layers * batch * heads * size * head_dim * self.k.element_size(), self.device, batch, size)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.zeros((n_layers, batch, heads, size, head_dim), dtype=old.dtype, device=old.device)
+            new[:, :, :, : self.length] = old[:, :, :, : self.length]
+            setattr(self, name, new)
+        if self.key_mask is not None:
+            grown = torch.ones(batch, size, dtype=torch.bool, device=self.key_mask.device)
+            grown[:, : self.key_mask.shape[1]] = self.key_mask
+            self.key_mask = grown
 
     @property
     def batch(self) -> int:
@@ -38,15 +71,16 @@ class KVCache:
         if bool(attention_mask.all()):
             self.key_mask = None
             return
-        mask = torch.ones(self.batch, self.max_len, dtype=torch.bool, device=self.k.device)
+        self.reserve(attention_mask.shape[1])
+        mask = torch.ones(self.batch, self.capacity, dtype=torch.bool, device=self.k.device)
         mask[:, : attention_mask.shape[1]] = attention_mask.bool()
         self.key_mask = mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys and values at the current position; return all keys so far."""
         start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions > {self.max_len}")
+        if end > self.capacity:
+            self.reserve(end)
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -83,8 +117,8 @@ class KVCache:
         """Beam search's step: row ``i`` continues from row ``parents[i]``.
 
         Copies in place only the rows whose parent is another row, and only their filled
-        slots. ``reorder`` gathers the whole buffer, every row and every slot up to
-        ``max_len``, which measured 2 ms a step on GPT-2-124M: a sixth of what a beam step
+        slots. ``reorder`` gathers the whole buffer, every row and every slot of its
+        capacity, which measured 2 ms a step on GPT-2-124M: a sixth of what a beam step
         costs beyond a greedy one. Most steps move one or two rows, some none."""
         moved = [(row, parent) for row, parent in enumerate(parents) if parent != row]
         n = self.length
@@ -97,6 +131,45 @@ class KVCache:
             self.v[:, row, :, :n].copy_(v)
         if moved and self.key_mask is not None:
             self.key_mask = self.key_mask.index_select(0, torch.tensor(parents, device=self.key_mask.device))
+
+
+def check_rows(model, rows: int, prompt: int, new: int) -> None:
+    """Before a decoder builds anything per row (seeds, beams, logits): refuse ``rows``
+    sequences of a ``prompt``-token prompt and up to ``new`` tokens at once when their
+    first cache allocation and per-step logits cannot fit,
+    saying how many would. A million samples once meant minutes of building lists, then
+    an allocator's crash."""
+    probe = model.new_cache(1, 1)
+    positions = prompt + min(new, FIRST_CAPACITY)
+    n_layers, _, heads, _, head_dim = probe.k.shape
+    per_row = 2 * n_layers * heads * head_dim * probe.k.element_size() * positions
+    per_row += 4 * 4 * model.cfg.vocab_size  # float32 logits, log-probs, probabilities and a sort, per row
+    free = free_memory(probe.device)
+    if free is not None and rows * per_row > free:
+        gib = 1024**3
+        raise LlmgenError(f"{rows:,} sequences at once need {rows * per_row / gib:.1f} GiB for their cache and logits, "
+                          f"and {free / gib:.1f} GiB is free: at most {free // per_row:,} fit")
+
+
+def check_room(size: int, device: torch.device, rows: int, positions: int) -> None:
+    """Refuse to allocate ``size`` bytes of cache that the device cannot hold."""
+    free = free_memory(device)
+    if free is not None and size > free:
+        gib = 1024**3
+        raise LlmgenError(f"the KV cache for {rows:,} rows x {positions:,} positions needs {size / gib:.1f} GiB, "
+                          f"and {free / gib:.1f} GiB is free: fewer samples, a narrower beam, or a smaller -n fit")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None when it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def pad(seqs: list[list[int]], left: bool, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -222,7 +222,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -240,7 +240,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelError(f"{index}: no weight_map")
         return [model_dir / name for name in sorted(set(weight_map.values()))]
@@ -288,20 +288,22 @@ def load_checkpoint(
     torch_dtype = resolve_dtype(dtype, torch_device)
 
     cfg_path = model_dir / "config.json"
-    hf_cfg = _read_json(cfg_path)
+    hf_cfg = read_json(cfg_path)
     model_type = hf_cfg.get("model_type")
     if model_type not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise ModelError(f"{cfg_path}: model_type {model_type!r} is not supported (supported: {supported})")
     model_cls, read_config = ARCHITECTURES[model_type]
+    files = weight_files(model_dir)
     try:
         cfg = read_config(hf_cfg)
+        _check_layers(cfg.n_layer, files, cfg_path)
         with torch.device("meta"), _skip_init():
             model = model_cls(cfg)
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ModelError(f"{cfg_path}: invalid {model_type} config ({e})") from None
 
-    tensors, origin = read_tensors(weight_files(model_dir), torch_dtype)
+    tensors, origin = read_tensors(files, torch_dtype)
     try:
         renamed = model_cls.rename_checkpoint(tensors, cfg)
     except ValueError as e:  # a tensor missing from, or misshapen in, a group the model stacks
@@ -321,19 +323,18 @@ def load_checkpoint(
         tokenizer = Tokenizer.from_file(str(tok_path))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise ModelError(f"{tok_path}: cannot load tokenizer ({e})") from None
-    if tokenizer.get_vocab_size() > cfg.vocab_size:
+    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if tokenizer.get_vocab_size() > cfg.vocab_size or largest >= cfg.vocab_size:
         raise ModelError(
-            f"{tok_path}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocabulary "
-            f"is {cfg.vocab_size}: they do not belong together"
+            f"{tok_path}: tokenizer has {tokenizer.get_vocab_size()} tokens (ids up to {largest}) but the model's "
+            f"vocabulary is {cfg.vocab_size}: they do not belong together"
         )
 
     gen_path = model_dir / "generation_config.json"
-    gen = _read_json(gen_path) if gen_path.is_file() else {}
+    gen = read_json(gen_path) if gen_path.is_file() else {}
     eos = _token_id(gen.get("eos_token_id", hf_cfg.get("eos_token_id")), cfg.vocab_size)
     bos = _token_id(gen.get("bos_token_id", hf_cfg.get("bos_token_id")), cfg.vocab_size)
-    defaults = {k: gen[k] for k in SAMPLING_KEYS if gen.get(k) is not None}
-    if gen.get("do_sample") is False:
-        defaults["temperature"] = 0.0
+    defaults = _generation_defaults(gen, gen_path)
     return Checkpoint(
         path=model_dir,
         model_type=model_type,
@@ -343,6 +344,46 @@ def load_checkpoint(
         bos_token_id=bos[0] if bos else None,
         generation_defaults=defaults,
     )
+
+
+def _check_layers(n_layer: int, files: list[Path], cfg_path: Path) -> None:
+    """Every layer has tensors of its own, so a config with more layers than the files hold
+    tensors is wrong, and is refused before building it: 100,000 layers took minutes and
+    gigabytes to build on the meta device before the weights refused them."""
+    if not isinstance(n_layer, int) or n_layer < 1:
+        raise ModelError(f"{cfg_path}: the number of layers must be a positive integer, got {n_layer!r}")
+    count = 0
+    for path in files:
+        if not path.is_file():
+            raise ModelError(f"{path}: file not found (named in {WEIGHTS_INDEX})")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                count += len(list(f.keys()))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
+    if n_layer > count:
+        raise ModelError(f"{cfg_path}: {n_layer} layers, but the weights hold only {count} tensors in all")
+
+
+def _generation_defaults(gen: dict, gen_path: Path) -> dict:
+    """The sampling defaults of generation_config.json, checked as the flags are: a
+    temperature of "0.7" (a string) or a top_p of [0.9] is an error naming the file and key."""
+    from llmgen import config
+
+    defaults = {}
+    for key in SAMPLING_KEYS:
+        if gen.get(key) is None:
+            continue
+        try:
+            defaults[key] = config.from_json(key, gen[key])
+            config.check(key, defaults[key])
+        except config.SettingError as e:
+            raise ModelError(f"{gen_path}: {e.in_record()}") from None
+    if "do_sample" in gen and not isinstance(gen["do_sample"], bool):
+        raise ModelError(f"{gen_path}: do_sample must be true or false, got {gen['do_sample']!r}")
+    if gen.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
 
 
 def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -364,17 +405,26 @@ def save_checkpoint(
     generation: dict | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write a directory that ``load_checkpoint`` (and transformers) can load."""
+    """Write a directory that ``load_checkpoint`` (and transformers) can load.
+
+    Each file goes to a temporary name and is renamed into place (``files``), so a kill
+    or a full disk never leaves one half-written. The weights and tokenizer are serialised
+    here and written by Python: safetensors and tokenizers report a full disk as
+    exceptions of their own, which would pass for bugs."""
+    from safetensors.torch import save
+
+    from llmgen import files
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in model.export_checkpoint().items()}
-    save_weights(tensors, out_dir / WEIGHTS, metadata={"format": "pt"})
+    files.write_bytes(out_dir / WEIGHTS, save(tensors, metadata={"format": "pt"}))
     stored = str(dtype or model.wte.weight.dtype).removeprefix("torch.")
     ids = {k: v for k, v in (generation or {}).items() if k in ("bos_token_id", "eos_token_id")}
     config = {**model.cfg.to_hf(), **ids, "torch_dtype": stored}
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "generation_config.json").write_text(json.dumps(generation or {}, indent=2) + "\n")
+    files.write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    files.write_text(out_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
+    files.write_text(out_dir / "generation_config.json", json.dumps(generation or {}, indent=2) + "\n")
     return out_dir
 
 

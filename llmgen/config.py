@@ -64,10 +64,6 @@ def _unit(low_open: bool, high_open: bool) -> Callable[[float], bool]:
     return lambda v: (0 < v if low_open else 0 <= v) and (v < 1 if high_open else v <= 1)
 
 
-def _finite(v: float) -> bool:
-    return math.isfinite(v)
-
-
 def _parses(parse: Callable[[str], Any]) -> Callable[[str], bool]:
     """A range rule for a text setting: ``parse`` accepts it (raises no ValueError)."""
 
@@ -82,10 +78,11 @@ def _parses(parse: Callable[[str], Any]) -> Callable[[str], bool]:
 
 
 def parse_bias(spec: str) -> tuple[str, float]:
-    """``TOKEN=BIAS`` -> (TOKEN, BIAS). BIAS is a number or ``-inf`` (a ban)."""
+    """``TOKEN=BIAS`` -> (TOKEN, BIAS). BIAS is in [-100, 100] (as OpenAI's; 100 already
+    all but forces a token, and more overflows float32 logits) or ``-inf`` (a ban)."""
     token, sep, bias = spec.rpartition("=")
     value = float(bias) if sep and token else math.nan
-    if math.isnan(value) or value == math.inf:
+    if not (-100 <= value <= 100 or value == -math.inf):
         raise ValueError(spec)
     return token, value
 
@@ -124,7 +121,7 @@ def parse_samplers(text: str) -> tuple[str, ...]:
 # The order here is the order of the help and of the README's table.
 SETTINGS: tuple[Setting, ...] = (
     Setting("max_new_tokens", int, 50, "must be >= 1", lambda v: v >= 1, "Most tokens to generate.", short="-n"),
-    Setting("temperature", float, 1.0, "must be >= 0", lambda v: v >= 0, "Softmax temperature; 0 = greedy.", short="-t"),
+    Setting("temperature", float, 1.0, "must be 0 (greedy) or at least 0.0001", lambda v: v == 0 or v >= 1e-4, "Softmax temperature; 0 = greedy.", short="-t"),
     Setting("top_k", int, 0, "must be >= 0 (0 = off)", lambda v: v >= 0, "Keep the k most probable tokens; 0 = off.", short="-k"),
     Setting("top_p", float, 1.0, "must be in (0, 1]", _unit(True, False), "Nucleus: smallest set with mass >= p; 1 = off.", short="-p"),
     Setting("min_p", float, 0.0, "must be in [0, 1]", _unit(False, False), "Drop tokens below min_p x the top probability; 0 = off."),
@@ -136,9 +133,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("xtc_threshold", float, 0.1, "must be in [0, 0.5] (above 0.5 no two tokens can pass it)", lambda v: 0 <= v <= 0.5, "XTC: tokens at or above this probability are the top choices."),
     Setting("dynatemp_range", float, 0.0, "must be >= 0", lambda v: v >= 0, "Dynamic temperature: T moves within T ± range with the entropy; 0 = off."),
     Setting("dynatemp_exponent", float, 1.0, "must be > 0", lambda v: v > 0, "Dynamic temperature: exponent on the normalised entropy."),
-    Setting("repetition_penalty", float, 1.0, "must be > 0", lambda v: v > 0, "> 1 discourages tokens already present; 1 = off."),
-    Setting("presence_penalty", float, 0.0, "must be a finite number", _finite, "Subtract this from the logit of every token present; 0 = off."),
-    Setting("frequency_penalty", float, 0.0, "must be a finite number", _finite, "Subtract this times its count from each present token's logit; 0 = off."),
+    Setting("repetition_penalty", float, 1.0, "must be in [0.001, 1000]", lambda v: 1e-3 <= v <= 1e3, "> 1 discourages tokens already present; 1 = off."),
+    Setting("presence_penalty", float, 0.0, "must be in [-100, 100]", lambda v: -100 <= v <= 100, "Subtract this from the logit of every token present; 0 = off."),
+    Setting("frequency_penalty", float, 0.0, "must be in [-100, 100]", lambda v: -100 <= v <= 100, "Subtract this times its count from each present token's logit; 0 = off."),
     Setting("repeat_last_n", int, -1, "must be >= -1", lambda v: v >= -1, "Window of the three penalties, in tokens; -1 = the whole text, 0 = penalties off."),
     Setting("dry_multiplier", float, 0.0, "must be >= 0", lambda v: v >= 0, "DRY: penalty scale for extending a repeat; 0 = off."),
     Setting("dry_base", float, 1.75, "must be >= 1", lambda v: v >= 1, "DRY: the penalty grows as base^(length - allowed length)."),
@@ -150,7 +147,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("no_repeat_ngram_size", int, 0, "must be >= 0", lambda v: v >= 0, "Forbid repeating any n-gram of this size; 0 = off."),
     Setting("min_new_tokens", int, 0, "must be >= 0", lambda v: v >= 0, "No end-of-sequence token before this many new tokens."),
     Setting("bad_words", str, (), "must not be empty", bool, "Never generate this text (repeatable).", many=True),
-    Setting("logit_bias", str, (), "must look like TOKEN=BIAS, BIAS a number or -inf", _parses(parse_bias),
+    Setting("logit_bias", str, (), "must look like TOKEN=BIAS, BIAS in [-100, 100] or -inf", _parses(parse_bias),
             "TOKEN=BIAS: add BIAS to the logit of TOKEN (an id, or a text that is one token); -inf bans it. Repeatable.", many=True),
     Setting("mirostat", int, 0, "must be 0, 1 or 2", lambda v: v in (0, 1, 2), "Mirostat version (1 or 2), in place of the truncation stages; 0 = off."),
     Setting("mirostat_tau", float, 5.0, "must be > 0", lambda v: v > 0, "Mirostat: target surprise, in bits per token."),
@@ -175,8 +172,8 @@ def check(name: str, value: Any) -> None:
             raise SettingError(name, f"has an {e}" if str(e).startswith("unknown") else f"names {e}") from None
     values = value if setting.many else (value,)
     for v in values:
-        if setting.kind is float and isinstance(v, float) and math.isnan(v):
-            raise SettingError(name, "must be a number, got nan")
+        if setting.kind is float and isinstance(v, float) and not math.isfinite(v):
+            raise SettingError(name, f"must be a finite number, got {v}")
         if not setting.ok(v):
             raise SettingError(name, f"{setting.rule}, got {v!r}" if setting.kind is str else f"{setting.rule}, got {v:g}")
 

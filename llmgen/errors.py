@@ -24,3 +24,14 @@ class ModelError(LlmgenError):
 class OutputClosed(Exception):
     """stdout's reader went away (``llmgen ... | head``). Not an OSError on purpose: the
     CLI framework turns EPIPE into exit code 1, and a closed pipe should end quietly."""
+
+
+class BrokenLogits(ModelError):
+    """The model's logits hold NaN or infinity: broken weights, or an overflow in a half
+    precision. Named apart so the CLI can say which model it was."""
+
+    model = "the model"  # the loaded model's directory, set when it is loaded
+
+    def __init__(self) -> None:
+        super().__init__(f"{self.model}: the model's logits are NaN or infinite: its weights are broken, "
+                         "or its activations overflow this dtype (try --dtype float32)")

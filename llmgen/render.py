@@ -499,11 +499,16 @@ def hypothesis_header(index: int, logprob: float, score: float, finish_reason: s
     return Text(f"#{index + 1}  logprob {logprob:.3f}  score {score:.3f}  ({finish_reason})", style="dim")
 
 
+def _power_of_ten(log10: float) -> str:
+    """A count given by its log10: digits while they are few, else 10^x."""
+    return f"{10 ** log10:,.0f}" if log10 < 7 else f"{10 ** (log10 % 1):.2f}e{int(log10)}"
+
+
 def exact_summary(result, max_expansions: int) -> Text:
     verdict = "optimal (proven)" if result.proven else f"best found; not proven optimal within --max-expansions {max_expansions}"
     return Text(
         f"logprob {result.logprob:.4f} · {verdict} · expanded {result.expanded:,} nodes "
-        f"vs {result.brute_force:.3g} sequences for brute force",
+        f"vs {_power_of_ten(result.brute_force_log10)} sequences for brute force",
         style="dim",
     )
 

@@ -101,7 +101,10 @@ def test_samplers_chooses_the_order(probs):
         (["--epsilon-cutoff", "1"], "--epsilon-cutoff"),
         (["--dry-base", "0.5"], "--dry-base"),
         (["--repeat-last-n", "-2"], "--repeat-last-n"),
-        (["--presence-penalty", "nan"], "--presence-penalty"),
+        (["--presence-penalty", "101"], "--presence-penalty"),
+        (["--repetition-penalty", "1e-45"], "--repetition-penalty"),
+        (["-t", "1e-40"], "--temperature"),
+        (["--logit-bias", "1=1e308"], "--logit-bias"),
         (["--mirostat-tau", "0"], "--mirostat-tau"),
     ],
 )

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmgen.cache import check_rows
 from llmgen.config import require
 from llmgen.decoding.greedy_sample import check_prompt_fits
 from llmgen.decoding.trace import SearchTree
@@ -46,7 +47,9 @@ class BeamConfig:
         require(self.width >= 1, f"--width must be >= 1, got {self.width}")
         require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         require(1 <= self.num_return <= self.width, f"--num-return must be between 1 and --width ({self.width}), got {self.num_return}")
-        require(math.isfinite(self.length_penalty), f"--length-penalty must be a finite number, got {self.length_penalty}")
+        # length**penalty must stay a float for any length a context holds (transformers uses 0 to 2)
+        require(math.isfinite(self.length_penalty) and abs(self.length_penalty) <= 10,
+                f"--length-penalty must be between -10 and 10, got {self.length_penalty}")
         require(self.no_repeat_ngram_size >= 0, f"--no-repeat-ngram-size must be >= 0, got {self.no_repeat_ngram_size}")
         require(self.tree_top >= 0, f"--tree-top must be >= 0, got {self.tree_top}")
 
@@ -85,6 +88,7 @@ def beam_search(model: torch.nn.Module, prompt_ids: list[int], cfg: BeamConfig) 
     check_prompt_fits(len(prompt_ids), context)
     max_new = min(cfg.max_new_tokens, context - len(prompt_ids))
     K, device = cfg.width, next(model.parameters()).device
+    check_rows(model, K, len(prompt_ids), max_new)
     eos = set(cfg.eos_token_ids)
     keep = max(2, 1 + len(eos)) * K
 

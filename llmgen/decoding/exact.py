@@ -16,6 +16,8 @@ returned with ``proven=False``.
 
 from __future__ import annotations
 
+import math
+
 import heapq
 from dataclasses import dataclass, field
 
@@ -46,7 +48,7 @@ class ExactResult:
     logprobs: list[float]
     expanded: int  # partial sequences whose next-token distribution was computed
     proven: bool
-    brute_force: int  # sequences brute-force enumeration would score: sum of |V|^n, n <= N
+    brute_force_log10: float  # log10 of the sequences brute force would score: sum of |V|^n, n <= N
     finish_reason: str
     tree: SearchTree = field(default_factory=SearchTree)
 
@@ -55,8 +57,13 @@ class ExactResult:
         return sum(self.logprobs)
 
 
-def brute_force_count(vocab: int, n: int) -> int:
-    return sum(vocab**k for k in range(1, n + 1))
+def brute_force_log10(vocab: int, n: int) -> float:
+    """log10 of sum(|V|^k, k = 1..N), as a logarithm because the count itself has thousands
+    of digits at -n 1000: more than a float holds, or Python prints by default."""
+    if vocab == 1:
+        return math.log10(n)
+    # the sum is V (V^N - 1) / (V - 1)
+    return math.log10(vocab) + n * math.log10(vocab) + math.log1p(-(vocab ** -float(n))) / math.log(10) - math.log10(vocab - 1)
 
 
 @torch.inference_mode()
@@ -112,7 +119,7 @@ def exact_search(model: torch.nn.Module, prompt_ids: list[int], cfg: ExactConfig
     tree.nodes[best_node].status = "finished"
     tree.best_path = tree.path_to(best_node)
     finish = "eos" if best_ids and best_ids[-1] in eos else "length"
-    return ExactResult(best_ids, best_lps, expanded, proven, brute_force_count(model.cfg.vocab_size, n), finish, tree)
+    return ExactResult(best_ids, best_lps, expanded, proven, brute_force_log10(model.cfg.vocab_size, n), finish, tree)
 
 
 def _next_logprobs(model, prompt_ids, continuations, device) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmgen.cache import pad, positions_from_mask
+from llmgen.cache import check_rows, pad, positions_from_mask
 from llmgen.config import GenerationConfig
 from llmgen.decoding.trace import Candidate, Sample, Step, Timings
 from llmgen.errors import LlmgenError
@@ -45,6 +45,7 @@ def generate(
 ) -> list[Sample]:
     """Continue ``prompt_ids`` ``gen.num_samples`` times; ``trace_top`` > 0 records that many
     alternatives per step; ``timings``, when given, is filled in."""
+    check_rows(model, gen.num_samples, len(prompt_ids), gen.max_new_tokens)
     seeds = [None if gen.sampling.greedy else _need_seed(gen) + i for i in range(gen.num_samples)]
     rows = [Row(prompt_ids, seed, gen.max_new_tokens) for seed in seeds]
     return generate_batch(model, rows, gen, decode, on_token, trace_top, timings)

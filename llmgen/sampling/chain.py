@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmgen.config import SamplingConfig
-from llmgen.errors import LlmgenError
+from llmgen.errors import BrokenLogits, LlmgenError
 from llmgen.sampling.constraints import BadWords, LogitBias, MinNewTokens, NoRepeatNGram
 from llmgen.sampling.dry import DRY
 from llmgen.sampling.penalties import Penalties
@@ -114,14 +114,19 @@ class Sampler:
         return [s.name for s in self.stages] + [self.terminal.name]
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
+        _check_model(logits)
         for stage in self.stages:
             logits = stage.apply(logits)
         self._check_not_empty(logits)
         return logits
 
     def _check_not_empty(self, logits: torch.Tensor) -> None:
-        if self.can_ban_all and not torch.isfinite(logits).any(-1).all():
-            raise LlmgenError("every token is banned at this step (by --logit-bias, --bad-words, --min-new-tokens or --no-repeat-ngram-size)")
+        if not torch.isfinite(logits).any(-1).all():
+            if self.can_ban_all:
+                raise LlmgenError("every token is banned at this step (by --logit-bias, --bad-words, --min-new-tokens or --no-repeat-ngram-size)")
+            raise LlmgenError(f"the sampler stages removed every token at this step ({', '.join(self.order)})")
+        if torch.isnan(logits).any() or (logits == float("inf")).any():  # the settings' ranges are meant to prevent it
+            raise LlmgenError(f"the sampler settings overflowed the logits ({', '.join(self.order)}); use less extreme values")
 
     def distribution(self, logits: torch.Tensor) -> torch.Tensor:
         """The renormalised distribution each row's token is chosen from, ``(rows, vocab)``."""
@@ -134,6 +139,7 @@ class Sampler:
     def explain(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[Explanation]]:
         """``choose``, recording what every stage did to each row on the way (one pass,
         so random stages draw exactly as they would without it)."""
+        _check_model(logits)
         after = [logits.float()]
         for stage in self.stages:
             after.append(stage.apply(after[-1]))
@@ -178,6 +184,13 @@ class Sampler:
         for stage in self.stages:
             stage.keep(rows)
         self.terminal.keep(rows)
+
+
+def _check_model(logits: torch.Tensor) -> None:
+    """NaN or +inf from the model itself (-inf is a token it rules out): no sampler setting
+    can make sense of it, and torch's draw would fail with a message about probabilities."""
+    if torch.isnan(logits).any() or (logits == float("inf")).any():
+        raise BrokenLogits()
 
 
 def build_sampler(

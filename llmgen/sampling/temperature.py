@@ -14,6 +14,10 @@ import torch
 
 from llmgen.sampling.stage import NEG_INF, Stage
 
+# Below this, logits / T can overflow float32 (and the distribution is one-hot anyway):
+# the flag refuses it, and a dynamic temperature that falls below it acts as greedy.
+MIN_TEMPERATURE = 1e-4
+
 
 class Temperature(Stage):
     name = "temperature"
@@ -38,6 +42,6 @@ class Temperature(Stage):
         logp = torch.log_softmax(logits, dim=-1)
         entropy = -float((logp.exp() * logp).nansum())
         temperature = low + (high - low) * (entropy / math.log(n)) ** self.exponent
-        if temperature <= 0:  # as llama.cpp: only the (first) most probable token survives
+        if temperature < MIN_TEMPERATURE:  # as llama.cpp at 0: only the (first) most probable token survives
             return torch.full_like(logits, NEG_INF).scatter(-1, logits.argmax(-1, keepdim=True), logits.max(-1, keepdim=True).values)
         return logits / temperature

@@ -54,7 +54,9 @@ class TopP(Truncation):
         order = stable_order(logits)
         sorted_probs = torch.softmax(logits.gather(-1, order), dim=-1)
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        return keep_sorted(logits, order, mass_before < self.p)
+        keep = mass_before < self.p
+        keep[..., 0] = True  # the top token, even when p is below float32's smallest (1e-308 compares as 0)
+        return keep_sorted(logits, order, keep)
 
 
 class MinP(Truncation):
@@ -171,7 +173,8 @@ class XTC(Truncation):
         fire = [n >= 2 and torch.rand(1, generator=g, device=g.device).item() <= self.probability for n, g in zip(live, self.generators)]
         if not any(fire):
             return logits
-        above = (probs >= self.threshold) & torch.tensor(fire, device=logits.device)[:, None]
+        # (tokens already removed have probability 0, which a threshold of 0 would count)
+        above = (probs >= self.threshold) & torch.isfinite(logits) & torch.tensor(fire, device=logits.device)[:, None]
         # The least probable token above the threshold survives: the lowest logit among
         # them, and of equals the highest id (the last of them in stable descending order).
         lowest = torch.where(above, logits, torch.inf).min(-1, keepdim=True).values
