@@ -409,7 +409,7 @@ def exact(
     if as_json:
         _write_json(
             _record(text, ids, continuation, result.token_ids, result.logprobs, result.finish_reason, None,
-                    logprob=result.logprob, expanded=result.expanded, proven=result.proven, brute_force=result.brute_force,
+                    logprob=result.logprob, expanded=result.expanded, proven=result.proven, brute_force_log10=round(result.brute_force_log10, 3),
                     **({"tree": render.search_tree_record(result.tree, ckpt.token_text)} if show_tree else {}))
         )
         return
