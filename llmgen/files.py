@@ -78,7 +78,9 @@ def atomic_directory(path: Path | str, replace: bool = False) -> Iterator[Path]:
     """A temporary directory beside ``path`` to fill; on a clean exit it takes ``path``'s
     place (replacing an existing one only when ``replace``). On any error it is deleted,
     so a failed convert, pull or train leaves no half-written model behind."""
-    path = Path(path)
+    shown, path = path, Path(os.path.abspath(path))  # "." and "out/.." have a name only when absolute
+    if not path.name:
+        raise LlmgenError(f"{shown} cannot be replaced by a model directory")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,15 +92,40 @@ def atomic_directory(path: Path | str, replace: bool = False) -> Iterator[Path]:
                     os.fsync(f.fileno())
         if path.exists() or path.is_symlink():
             if not replace:
-                raise LlmgenError(f"{path} already exists")
-            old = path.with_name(f".{path.name}.{os.getpid()}.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+                raise LlmgenError(f"{shown} already exists")
+            _swap(tmp, path)
         else:
             os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as exc:
-        raise disk_error(path, exc) from exc
+        raise disk_error(shown, exc) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap(new: Path, path: Path) -> None:
+    """Put ``new`` where ``path`` is; if that fails, ``path`` is put back as it was."""
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left by a crash of an earlier process with this id
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except OSError:
+        os.replace(old, path)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
+
+
+def rust_io_error(exc: Exception) -> OSError | None:
+    """The OSError inside an error from a Rust library (safetensors, tokenizers), which
+    reports one only as text ending in ``(os error N)``; None if it is not one."""
+    import re
+
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
