@@ -132,3 +132,34 @@ def write_gguf(path: Path, ref, tokenizer=None, qtype=None, sentencepiece=None, 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def rewrite_gguf(src: Path, dst: Path, fields: dict | None = None, drop=(), tensors=None) -> None:
+    """A copy of the GGUF ``src`` with metadata changed, for files no converter would
+    write: ``fields`` maps a key to a value, or to ``(value, GGUFValueType)`` to store it
+    as that type (an int otherwise goes in as UINT32); keys in ``drop`` are left out;
+    ``tensors``, given the ``{name: numpy array}`` of the file, returns those to write."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(str(dst), arch)
+    fields = dict(fields or {})
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture" or f.name in drop or f.name in fields:
+            continue
+        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    for key, value in fields.items():
+        value, kind = value if isinstance(value, tuple) else (value, None)
+        if kind is None:
+            kind = gguf.GGUFValueType.get_type(value)
+            kind = gguf.GGUFValueType.UINT32 if kind == gguf.GGUFValueType.INT32 else kind
+        sub = gguf.GGUFValueType.get_type(value[0]) if isinstance(value, list) and value else None
+        w.add_key_value(key, value, kind, sub_type=sub)
+    arrays = {t.name: t.data.copy() for t in reader.tensors}  # F32 files: the arrays are the values
+    for name, data in (tensors(arrays) if tensors else arrays).items():
+        w.add_tensor(name, np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -2,7 +2,8 @@
 
 The ``gguf`` package (an optional extra) reads the file and dequantizes every tensor
 to float32 (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K ...). On top of that
-``architectures`` renames llama.cpp's tensors to Hugging Face's and undoes what its
+``metadata`` reads each key as a checked value, ``architectures`` checks every tensor
+against them, renames llama.cpp's tensors to Hugging Face's and undoes what its
 converter did to them, ``vocab`` rebuilds ``tokenizer.json`` as transformers does, and
 this module writes the directory: safetensors, ``config.json``, ``generation_config.json``
 and ``tokenizer_config.json`` (with the chat template).
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-from llmgen.convert.architectures import Fields, gguf_config
+from llmgen.convert.architectures import check_tensors, gguf_config
+from llmgen.convert.metadata import Fields
 from llmgen.convert.vocab import gguf_tokenizer
 from llmgen.errors import LlmgenError, ModelError
+from llmgen.files import atomic_directory, rust_io_error
 
 
 def require_gguf():
@@ -37,60 +40,86 @@ def convert(
     dtype: torch.dtype = torch.bfloat16,
     on_tensor: Callable[[str], None] | None = None,
 ) -> dict:
-    """Write the converted directory; return its config. ``on_tensor`` is called per tensor (progress)."""
-    gguf = require_gguf()
-    from llmgen.checkpoint import save_weights
-
+    """Write the converted model into the existing directory ``out_dir``; return its
+    config. ``on_tensor`` is called per tensor (progress). Every key and tensor shape is
+    checked against the others before any weight is read."""
     reader = open_gguf(gguf_path)
-    fields = Fields(reader)
+    fields = Fields(reader, gguf_path)
     arch, cfg = gguf_config(fields)
+    check_tensors(fields, arch, cfg)
     tokenizer, tokens = gguf_tokenizer(fields)
+    chat_template = fields.text("tokenizer.chat_template", None)
     tensors = {}
     for t in reader.tensors:
-        weights = gguf.quants.dequantize(t.data, t.tensor_type)
-        w = torch.from_numpy(weights.reshape(tuple(int(x) for x in reversed(t.shape))).copy())
         name = arch.hf_name(t.name)
-        tensors[name] = arch.restore(name, w, cfg).to(dtype).contiguous()
+        tensors[name] = arch.restore(name, _dequantized(gguf_path, t), cfg).to(dtype).contiguous()
         if on_tensor is not None:
             on_tensor(t.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(tensors, out_dir / "model.safetensors", metadata={"format": "pt", "source": gguf_path.name})
-    (out_dir / "config.json").write_text(json.dumps({**cfg, "torch_dtype": str(dtype).removeprefix("torch.")}, indent=2) + "\n")
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    generation = {k: cfg[k] for k in ("bos_token_id", "eos_token_id") if k in cfg}
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    tok_cfg = {"chat_template": fields.get("tokenizer.chat_template")}
+    _write_model(out_dir, tensors, cfg, dtype, gguf_path.name)
+    (out_dir / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
+    tok_cfg = {"chat_template": chat_template}
     for key in ("bos_token_id", "eos_token_id"):
         if key in cfg:
             tok_cfg[key.replace("_id", "")] = tokens[cfg[key]]
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    _write_json(out_dir / "tokenizer_config.json", tok_cfg)
     source = {"file": gguf_path.name, "architecture": fields.arch,
-              "name": fields.get("general.name"), "license": fields.get("general.license")}
-    (out_dir / "source.json").write_text(json.dumps({k: v for k, v in source.items() if v}, indent=2) + "\n")
+              "name": fields.text("general.name", None), "license": fields.text("general.license", None)}
+    _write_json(out_dir / "source.json", {k: v for k, v in source.items() if v})
     return cfg
+
+
+def _dequantized(gguf_path: Path, t) -> torch.Tensor:
+    """One tensor as float32, in PyTorch's order of dimensions."""
+    gguf = require_gguf()
+    try:
+        weights = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise ModelError(f"{gguf_path}: tensor {t.name!r} is stored as {t.tensor_type.name}, "
+                         "which the gguf package cannot dequantize") from None
+    return torch.from_numpy(weights.reshape(tuple(int(x) for x in reversed(t.shape))).copy())
+
+
+def _write_model(out_dir: Path, tensors: dict, cfg: dict, dtype: torch.dtype, source: str) -> None:
+    from safetensors import SafetensorError
+
+    from llmgen.checkpoint import save_weights
+
+    try:
+        save_weights(tensors, out_dir / "model.safetensors", metadata={"format": "pt", "source": source})
+    except SafetensorError as e:  # a full disk arrives as this, not as an OSError
+        disk = rust_io_error(e)
+        if disk is None:
+            raise
+        raise disk from e
+    _write_json(out_dir / "config.json", {**cfg, "torch_dtype": str(dtype).removeprefix("torch.")})
+    _write_json(out_dir / "generation_config.json", {k: cfg[k] for k in ("bos_token_id", "eos_token_id") if k in cfg})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Into a directory that ``files.atomic_directory`` moves into place whole, so a plain write suffices."""
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def convert_into(gguf_path: Path, out_dir: Path, dtype: torch.dtype, on_tensor=None, replace: bool = False) -> dict:
     """``convert`` into ``out_dir`` as a whole: refused if it holds anything (files of
-    two models would mix) unless ``replace``; written beside it first, so an interrupted
-    conversion leaves no half-written model behind."""
-    import shutil
+    two models would mix) unless ``replace``, and if it is a file or would swallow the
+    GGUF itself. Written beside it first, so a failed or interrupted conversion (a full
+    disk, Ctrl-C) leaves no half-written model behind."""
+    check_destination(gguf_path, out_dir, replace)
+    empty = out_dir.is_dir() and not any(out_dir.iterdir())
+    with atomic_directory(out_dir, replace=replace or empty) as partial:
+        return convert(gguf_path, partial, dtype, on_tensor)
 
-    if out_dir.exists() and not replace and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise LlmgenError(f"{out_dir} is not empty: converting into it would mix two models (--force replaces it)")
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        cfg = convert(gguf_path, partial, dtype, on_tensor)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out_dir.is_dir():
-        shutil.rmtree(out_dir)
-    elif out_dir.exists():
-        out_dir.unlink()
-    partial.rename(out_dir)
-    return cfg
+
+def check_destination(gguf_path: Path, out_dir: Path, replace: bool) -> None:
+    """Refuse an output that is not a directory to fill, before minutes of conversion."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LlmgenError(f"{out_dir} is a file, not a directory: give a directory to write the model into")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not replace:
+            raise LlmgenError(f"{out_dir} is not empty: converting into it would mix two models (--force replaces it)")
+        if gguf_path.resolve().is_relative_to(out_dir.resolve()):
+            raise LlmgenError(f"{out_dir} holds {gguf_path.name}: replacing it would delete the file being converted")
 
 
 def open_gguf(gguf_path: Path):

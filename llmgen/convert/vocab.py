@@ -29,18 +29,47 @@ GEMMAS = ("gemma", "gemma2", "gemma3")
 
 
 def gguf_tokenizer(fields):
-    """The tokenizer and the token list of a file (``fields``: an ``architectures.Fields``)."""
-    kind = fields.get("tokenizer.ggml.model")
-    tokens = fields.get("tokenizer.ggml.tokens")
+    """The tokenizer and the token list of a file (``fields``: a ``metadata.Fields``)."""
+    kind = fields.text("tokenizer.ggml.model")
+    tokens = fields.tokens()
     if kind == "gpt2":
         return _byte_level_bpe(fields, tokens), tokens
     if kind == "llama":
         return _sentencepiece_bpe(fields, tokens), tokens
-    raise ModelError(f"GGUF tokenizer type {kind!r} is not supported (supported: gpt2, llama)")
+    raise ModelError(f"{fields.path}: GGUF tokenizer type {kind!r} is not supported (supported: gpt2, llama)")
+
+
+def _merges(fields) -> list[tuple[str, str]]:
+    key = "tokenizer.ggml.merges"
+    merges = [tuple(m.split(" ", 1)) for m in fields.array(key, (str,), default=[])]
+    bad = next((i for i, m in enumerate(merges) if len(m) != 2 or not all(m)), None)
+    if bad is not None:
+        raise fields.error(key, f"entry {bad} is {' '.join(merges[bad])!r}; a merge is two tokens separated by a space")
+    return merges
+
+
+def _bpe(fields, vocab: dict, merges: list, **options):
+    """The BPE model; the merges must be pairs of tokens of the vocabulary."""
+    from tokenizers import models
+
+    try:
+        return models.BPE(vocab, merges, **options)
+    except Exception as e:  # tokenizers raises a bare Exception naming the token
+        raise fields.error("tokenizer.ggml.merges", f"does not fit the token list ({str(e).splitlines()[0]})") from None
+
+
+def _scores(fields, tokens: list[str]) -> list[float]:
+    key = "tokenizer.ggml.scores"
+    scores = fields.array(key, (int, float), default=None)
+    if scores is None:
+        return [0.0] * len(tokens)
+    if len(scores) != len(tokens):
+        raise fields.error(key, f"has {len(scores)} entries for the {len(tokens)} tokens of tokenizer.ggml.tokens")
+    return [float(s) for s in scores]
 
 
 def _byte_level_bpe(fields, tokens):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
 
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
     respell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)  # bytes -> GPT-2's printable letters
@@ -48,9 +77,8 @@ def _byte_level_bpe(fields, tokens):
     for index, token in enumerate(tokens):
         spelled = token if set(token) <= alphabet else "".join(piece for piece, _ in respell.pre_tokenize_str(token))
         vocab.setdefault(spelled, index)
-    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges") or []]
-    tok = Tokenizer(models.BPE(vocab, merges))
-    split = SPLITS.get(fields.get("tokenizer.ggml.pre"))
+    tok = Tokenizer(_bpe(fields, vocab, _merges(fields)))
+    split = SPLITS.get(fields.text("tokenizer.ggml.pre", None))
     if split:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
@@ -68,7 +96,7 @@ def _sentencepiece_bpe(fields, tokens):
     """SentencePiece's BPE: "▁" stands for a space, bytes missing from the vocabulary
     fall back to ``<0xNN>`` tokens, BOS is added unless the file says not to, and the
     merges (which the file does not store) are recovered from the vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 
     family, stored = fields.arch, tokens  # as the file spells them: what its token types refer to
     if family in GEMMAS:
@@ -77,11 +105,11 @@ def _sentencepiece_bpe(fields, tokens):
         tokens = [SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
         ranks = [-float(i) for i in range(len(tokens))]
     else:
-        ranks = fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        ranks = _scores(fields, tokens)
     vocab = {token: index for index, token in enumerate(tokens)}
-    unk = fields.get("tokenizer.ggml.unknown_token_id")
-    tok = Tokenizer(models.BPE(vocab, merges_from_scores(tokens, ranks), fuse_unk=True, byte_fallback=True,
-                               unk_token=tokens[int(unk)] if unk is not None else None))
+    unk = fields.token_id("tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(_bpe(fields, vocab, merges_from_scores(tokens, ranks), fuse_unk=True, byte_fallback=True,
+                         unk_token=tokens[unk] if unk is not None else None))
     steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if family in GEMMAS:  # no prefix space; spaces respelled by a normalizer
         tok.normalizer = normalizers.Replace(" ", SPACE)
@@ -94,11 +122,11 @@ def _sentencepiece_bpe(fields, tokens):
         steps.append(decoders.Strip(content=" ", left=1))
     tok.decoder = decoders.Sequence(steps)
     _add_marked_tokens(tok, fields, stored, lambda t: True)
-    bos = fields.get("tokenizer.ggml.bos_token_id")
-    if bos is not None and fields.get("tokenizer.ggml.add_bos_token", True):
-        bos_token = tokens[int(bos)]
+    bos = fields.token_id("tokenizer.ggml.bos_token_id")
+    if bos is not None and fields.flag("tokenizer.ggml.add_bos_token", True):
+        bos_token = tokens[bos]
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, int(bos))]
+            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos)]
         )
     return tok
 
@@ -110,7 +138,7 @@ def _add_marked_tokens(tok, fields, tokens, spelled_right) -> None:
     from tokenizers import AddedToken
 
     vocab = tok.get_vocab()
-    types = fields.get("tokenizer.ggml.token_type") or []
+    types = fields.array("tokenizer.ggml.token_type", (int,), default=[])
     marked = [(t, ty) for t, ty in zip(tokens, types) if ty in (CONTROL, USER_DEFINED) and t in vocab and spelled_right(t)]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in marked if ty == CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in marked if ty == USER_DEFINED])
