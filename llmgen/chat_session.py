@@ -46,9 +46,14 @@ class ChatSession:
     stats: list[TurnStats] = field(default_factory=list)
     last: Any = None  # the last reply's Sample, with its steps (for /probs)
     last_prompt: list[int] = field(default_factory=list)  # the ids that reply answered (for /tree)
+    template: str | None = None  # the name of the chat template to use (--chat-template), else default
 
     def __post_init__(self) -> None:
-        self.templated = chats.has_template(self.ckpt.path)
+        """The chat template is found and read once, so a missing one named by
+        --chat-template, or an unreadable file, stops the session before its first turn."""
+        wanted = self.template is not None or chats.has_template(self.ckpt.path)
+        self.chat_template = chats.load(self.ckpt.path, self.template) if wanted else None
+        self.templated = self.chat_template is not None
         self.cache = self.ckpt.model.new_cache(1, self.ckpt.model.cfg.context_length)
         self.cached: list[int] = []  # the ids whose keys and values the cache holds, in order
 
@@ -64,7 +69,7 @@ class ChatSession:
         the reply begins."""
         turns = self.conversation(messages)
         if self.templated:
-            return self.ckpt.encode(chats.render_messages(self.ckpt.path, turns), special=False)
+            return self.ckpt.encode(self.chat_template.render(turns, self.ckpt.model.cfg.context_length), special=False)
         return orch.prompt_ids(self.ckpt, "".join(m["content"] for m in turns))
 
     def last_turn_prompt(self) -> list[int]:

@@ -67,11 +67,14 @@ def _piped_stdin() -> bytes | None:
     return sys.stdin.buffer.read()
 
 
-def _decode(data: bytes, errors: str, source: str) -> str:
+def _decode(data: bytes, errors: str | None, source: str) -> str:
+    """``data`` as text; ``errors`` None for a command without ``--errors`` (strict, and
+    no hint at a flag it does not have)."""
     try:
-        return data.decode("utf-8", errors=errors)
+        return data.decode("utf-8", errors=errors or "strict")
     except UnicodeDecodeError as e:
-        raise LlmgenError(f"{source} is not valid UTF-8 (byte {e.start}); --errors replace substitutes U+FFFD") from None
+        hint = "; --errors replace substitutes U+FFFD" if errors else ""
+        raise LlmgenError(f"{source} is not valid UTF-8 (byte {e.start}){hint}") from None
 
 
 def load(model: str | None, device: str, dtype: str, rows: int | None = None, threads: int | None = None):
@@ -92,16 +95,25 @@ def model_label(model: str | None) -> str:
     return model or os.environ.get("LLMGEN_MODEL") or "embedded"
 
 
-def check_chat(chat: bool, system: str | None) -> None:
-    """The chat options' combination, checked before any model loads."""
+def check_chat(chat: bool, system: str | None, template: str | None = None, errors: str | None = "strict") -> str | None:
+    """The chat options, checked before any model loads: their combination, and
+    --system's UTF-8, judged as ``--errors`` judges PROMPT's (the tokenizer cannot take
+    the lone surrogates that invalid bytes in argv become). Returns --system's text."""
     if system is not None and not chat:
         raise UsageError("--system needs --chat")
+    if template is not None and not chat:
+        raise UsageError("--chat-template needs --chat")
+    if system is None:
+        return None
+    return _decode(system.encode("utf-8", "surrogateescape"), errors, "--system")
 
 
-def prompt_ids(ckpt, prompt: str, truncate: str = "none", room: int = 1, chat: bool = False, system: str | None = None) -> list[int]:
+def prompt_ids(ckpt, prompt: str, truncate: str = "none", room: int = 1, chat: bool = False, system: str | None = None,
+               template: str | None = None) -> list[int]:
     """Token ids of the prompt; BOS alone for an empty prompt when the model has one.
 
-    With ``chat`` the prompt is first wrapped in the model's chat template. With
+    With ``chat`` the prompt is first wrapped in the model's chat template (the one
+    named ``template``, default ``default``). With
     ``truncate='left'`` a prompt too long for the context keeps its last tokens,
     leaving ``room`` positions to generate into (at least one). The commands check the
     chat options' combination (``check_chat``) before the model loads."""
@@ -110,7 +122,7 @@ def prompt_ids(ckpt, prompt: str, truncate: str = "none", room: int = 1, chat: b
     if chat:
         from llmgen import chat as chats
 
-        prompt = chats.render(ckpt.path, prompt, system)
+        prompt = chats.render(ckpt.path, prompt, system, context=ckpt.model.cfg.context_length, name=template)
     ids = ckpt.encode(prompt, special=not chat)
     if not ids and ckpt.bos_token_id is not None:
         ids = [ckpt.bos_token_id]
@@ -237,13 +249,19 @@ class BatchOptions:
     truncate: str = "none"
     chat: bool = False
     system: str | None = None
+    chat_template: str | None = None
 
 
 def batch_jobs(ckpt, records, options: BatchOptions, base_seed: int) -> list:
     """One job per valid record, its settings resolved once; a record that cannot run
-    (bad values, a prompt too long) gets its ``error`` instead."""
+    (bad values, a prompt too long, a conversation its template refuses) gets its
+    ``error`` instead. A template that cannot be found or read is the whole command's error."""
     from llmgen.batch import Job
 
+    if options.chat:
+        from llmgen import chat as chats
+
+        chats.load(ckpt.path, options.chat_template)
     jobs = []
     for rec in records:
         if rec.error is not None:
@@ -253,7 +271,8 @@ def batch_jobs(ckpt, records, options: BatchOptions, base_seed: int) -> list:
                 ckpt, options.settings, rec.overrides, seed=rec.seed if rec.seed is not None else base_seed + rec.index,
                 stop=options.stop, ignore_eos=options.ignore_eos, chat=options.chat,
             )
-            ids = prompt_ids(ckpt, rec.prompt, options.truncate, gen.max_new_tokens, options.chat, options.system)
+            ids = prompt_ids(ckpt, rec.prompt, options.truncate, gen.max_new_tokens, options.chat, options.system,
+                             options.chat_template)
         except config.SettingError as e:
             rec.error = e.in_record()
             continue

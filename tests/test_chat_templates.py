@@ -72,7 +72,7 @@ def test_chat_prompt_is_what_transformers_renders(chat_dir, capsys, family, syst
     reference = _use(chat_dir, template, bos)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Hi there"}]
     expected = reference.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
-    assert render(chat_dir, "Hi there", system) == expected
+    assert render(chat_dir, "Hi there", system, context=128) == expected
     flags = ["--system", system] if system else []
     assert main(["run", "Hi there", "--model", str(chat_dir), "--chat", *flags, "--json", "-n", "2"]) == 0
     ids = reference.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=True)
@@ -89,7 +89,7 @@ def test_qwen3_thinks_by_default_as_in_transformers(chat_dir):
     messages = [{"role": "user", "content": "Hi"}]
     default = reference.apply_chat_template(messages, chat_template=QWEN3, add_generation_prompt=True, tokenize=False)
     off = reference.apply_chat_template(messages, chat_template=QWEN3, add_generation_prompt=True, tokenize=False, enable_thinking=False)
-    assert render(chat_dir, "Hi", None) == default != off
+    assert render(chat_dir, "Hi", None, context=128) == default != off
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -75,7 +75,7 @@ def test_chat_template_matches_transformers(converted, reference):
     for system in (None, "Answer in one word."):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Hi there"}]
         expected = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        assert render(converted.path, "Hi there", system) == expected
+        assert render(converted.path, "Hi there", system, context=converted.model.cfg.context_length) == expected
 
 
 def test_pull_then_chat_by_name(gguf_file, tmp_path, monkeypatch, capsys):
