@@ -157,7 +157,7 @@ class ChatSession:
 
     def load(self, path: Path) -> None:
         try:
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            lines = [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
         except (OSError, json.JSONDecodeError) as e:
             raise LlmgenError(f"{path}: not a transcript ({e})") from None
         if not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)

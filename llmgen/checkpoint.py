@@ -300,8 +300,8 @@ def load_checkpoint(
         _check_layers(cfg.n_layer, files, cfg_path)
         with torch.device("meta"), _skip_init():
             model = model_cls(cfg)
-    except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise ModelError(f"{cfg_path}: invalid {model_type} config ({e})") from None
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError, RuntimeError) as e:  # built on the meta device:
+        raise ModelError(f"{cfg_path}: invalid {model_type} config ({e})") from None  # only the config can fail
 
     tensors, origin = read_tensors(files, torch_dtype)
     try:

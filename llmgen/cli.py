@@ -86,9 +86,12 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", "-s", help="Random see
 EchoOpt = Annotated[bool, typer.Option("--echo", help="Print the prompt before the continuation.")]
 ShowTreeOpt = Annotated[bool, typer.Option("--show-tree", help="Draw the search tree.")]
 TruncateOpt = Annotated[Truncate, typer.Option("--truncate", help="A prompt too long for the context: 'none' is an error, 'left' keeps its last tokens that fit.")]
-ErrorsOpt = Annotated[Errors, typer.Option("--errors", help="Invalid UTF-8 in PROMPT or on stdin: 'strict' is an error, 'replace' substitutes U+FFFD.")]
+ErrorsOpt = Annotated[Errors, typer.Option("--errors", help="Invalid UTF-8 in PROMPT, --system or on stdin: 'strict' is an error, 'replace' substitutes U+FFFD.")]
 ChatOpt = Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template; stop at its end-of-turn token.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System message for --chat.")]
+ChatTemplateOpt = Annotated[Optional[str], typer.Option(
+    "--chat-template", metavar="NAME", show_default=False,
+    help="Which of the model's chat templates to use, by name (a model may have several, e.g. tool_use). Default: the one named default.")]
 TreeTopOpt = Annotated[int, typer.Option("--tree-top", help="Pruned candidates drawn per node in the tree.")]
 TreeDepthOpt = Annotated[int, typer.Option("--tree-depth", min=1, help="Steps drawn in full in the tree; below them only the answer's path.")]
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this string appears (repeatable); it is cut from the text.")]
@@ -198,6 +201,7 @@ def run(
     errors: ErrorsOpt = Errors.strict,
     chat: ChatOpt = False,
     system: SystemOpt = None,
+    chat_template: ChatTemplateOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
@@ -211,7 +215,7 @@ def run(
     from llmgen import orchestrate as orch
 
     config.GenerationConfig(num_samples=num_samples, stop=tuple(stop or ()), seed=seed)  # checked before loading
-    orch.check_chat(chat, system)
+    system = orch.check_chat(chat, system, chat_template, errors.value)
     text = orch.read_prompt(prompt, errors.value, prompt_file)
 
     from llmgen import render
@@ -220,7 +224,7 @@ def run(
 
     ckpt = orch.load(model, device, dtype.value, rows=num_samples, threads=threads)
     gen = orch.generation(ckpt, settings, seed=seed, num_samples=num_samples, stop=tuple(stop or ()), ignore_eos=ignore_eos, chat=chat)
-    ids = orch.prompt_ids(ckpt, text, truncate.value, gen.max_new_tokens, chat, system)
+    ids = orch.prompt_ids(ckpt, text, truncate.value, gen.max_new_tokens, chat, system, chat_template)
 
     out = render.stdout_console()
     shown = _shown_prompt(ckpt, text, ids, echo, show_prompt, chat)
@@ -327,6 +331,7 @@ def beam(
     errors: ErrorsOpt = Errors.strict,
     chat: ChatOpt = False,
     system: SystemOpt = None,
+    chat_template: ChatTemplateOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
@@ -340,13 +345,13 @@ def beam(
     from llmgen.decoding.beam import BeamConfig, beam_search
 
     cfg = BeamConfig(width, max_new_tokens, length_penalty, num_return, no_repeat_ngram_size, early_stopping, (), tree_top)
-    orch.check_chat(chat, system)
+    system = orch.check_chat(chat, system, chat_template, errors.value)
     text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
     ckpt = orch.load(model, device, dtype.value, threads=threads)
     cfg = replace(cfg, eos_token_ids=orch.stop_ids(ckpt, chat))
-    ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens, chat, system)
+    ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens, chat, system, chat_template)
     result = beam_search(ckpt.model, ids, cfg)
     hyps = result.hypotheses
     if as_json:
@@ -385,6 +390,7 @@ def exact(
     errors: ErrorsOpt = Errors.strict,
     chat: ChatOpt = False,
     system: SystemOpt = None,
+    chat_template: ChatTemplateOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
@@ -398,12 +404,12 @@ def exact(
     from llmgen.decoding.exact import ExactConfig, exact_search
 
     cfg = ExactConfig(max_new_tokens=max_new_tokens, max_expansions=max_expansions)
-    orch.check_chat(chat, system)
+    system = orch.check_chat(chat, system, chat_template, errors.value)
     text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
     ckpt = orch.load(model, device, dtype.value, threads=threads)
-    ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens, chat, system)
+    ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens, chat, system, chat_template)
     result = exact_search(ckpt.model, ids, replace(cfg, eos_token_ids=orch.stop_ids(ckpt, chat)), ckpt.decode)
     continuation = ckpt.decode(result.token_ids)
     if as_json:
@@ -434,6 +440,7 @@ def probs(
     errors: ErrorsOpt = Errors.strict,
     chat: ChatOpt = False,
     system: SystemOpt = None,
+    chat_template: ChatTemplateOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
@@ -448,13 +455,13 @@ def probs(
     if steps < 1 or top < 1:
         raise UsageError("--steps and --top must be >= 1")
     config.check_seed(seed)
-    orch.check_chat(chat, system)
+    system = orch.check_chat(chat, system, chat_template, errors.value)
     text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
     ckpt = orch.load(model, device, dtype.value, rows=1, threads=threads)
     gen = orch.generation(ckpt, settings, seed=seed, chat=chat)
-    ids = orch.prompt_ids(ckpt, text, truncate.value, steps, chat, system)
+    ids = orch.prompt_ids(ckpt, text, truncate.value, steps, chat, system, chat_template)
     dists = follow(ckpt.model, ids, gen.sampling, steps, gen.seed, gen.stop_token_ids, gen.tokens)
     if as_json:
         for d in dists:
@@ -494,6 +501,7 @@ def compare(
     errors: ErrorsOpt = Errors.strict,
     chat: ChatOpt = False,
     system: SystemOpt = None,
+    chat_template: ChatTemplateOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
@@ -506,12 +514,12 @@ def compare(
 
     config.check("max_new_tokens", max_new_tokens)
     config.check_seed(seed)
-    orch.check_chat(chat, system)
+    system = orch.check_chat(chat, system, chat_template, errors.value)
     text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
     ckpt = orch.load(model, device, dtype.value, threads=threads)
-    ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens, chat, system)
+    ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens, chat, system, chat_template)
     rows = orch.compare(ckpt, ids, {**settings, "max_new_tokens": max_new_tokens}, seed, width, max_expansions, chat)
     if as_json:
         for r in rows:
@@ -530,6 +538,7 @@ def score(
     chat: Annotated[bool, typer.Option("--chat", help="Score TEXT as the assistant's reply to --reply-to, in the model's chat template.")] = False,
     reply_to: Annotated[Optional[str], typer.Option("--reply-to", help="With --chat: the user's message TEXT answers.", show_default=False)] = None,
     system: SystemOpt = None,
+    chat_template: ChatTemplateOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
@@ -541,7 +550,7 @@ def score(
     """
     from llmgen import orchestrate as orch
 
-    orch.check_chat(chat, system)
+    system = orch.check_chat(chat, system, chat_template, errors.value)
     if chat != (reply_to is not None):
         raise UsageError("--chat and --reply-to go together: the reply TEXT is scored after the user's message")
     content = orch.read_prompt(text, errors.value, prompt_file)
@@ -550,7 +559,7 @@ def score(
     from llmgen.scoring import score as score_text
 
     ckpt = orch.load(model, device, dtype.value, threads=threads)
-    context = orch.prompt_ids(ckpt, reply_to, chat=True, system=system) if chat else None
+    context = orch.prompt_ids(ckpt, reply_to, chat=True, system=system, template=chat_template) if chat else None
     result = score_text(ckpt.model, ckpt.encode(content, special=not chat), ckpt.bos_token_id, context)
     if as_json:
         prompt = {"prompt": reply_to, "prompt_token_ids": context} if chat else {}
@@ -579,6 +588,7 @@ CHAT_HELP = """commands:
 def chat(
     model: ModelOpt = None,
     system: Annotated[Optional[str], typer.Option("--system", help="System message.")] = None,
+    chat_template: ChatTemplateOpt = None,
     seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Seed of the first reply; reply i uses seed + i. Default: random, and reported.")] = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
@@ -594,9 +604,10 @@ def chat(
     from llmgen.chat_session import ChatSession
 
     config.check_seed(seed)
+    system = orch.check_chat(True, system, chat_template, errors=None)
     ckpt = orch.load(model, device, dtype.value, rows=1, threads=threads)
     interactive = sys.stdin.isatty()
-    session = ChatSession(ckpt, settings, system, seed if seed is not None else orch.draw_seed())
+    session = ChatSession(ckpt, settings, system, seed if seed is not None else orch.draw_seed(), template=chat_template)
     err, out = render.stderr_console(), render.stdout_console()
     if interactive:
         _readline_history()
@@ -768,6 +779,7 @@ def batch(
     truncate: TruncateOpt = Truncate.none,
     chat: ChatOpt = False,
     system: SystemOpt = None,
+    chat_template: ChatTemplateOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
@@ -788,8 +800,8 @@ def batch(
             raise UsageError("missing INPUT (a file of prompts, or pipe them in)")
         input_path = "-"
     config.GenerationConfig(stop=tuple(stop or ()), seed=seed)  # checked before loading
-    orch.check_chat(chat, system)
-    options = orch.BatchOptions(settings, seed, tuple(stop or ()), ignore_eos, truncate.value, chat, system)
+    system = orch.check_chat(chat, system, chat_template, errors=None)
+    options = orch.BatchOptions(settings, seed, tuple(stop or ()), ignore_eos, truncate.value, chat, system, chat_template)
     shard_i, shard_n = batching.parse_shard(shard)
     records = batching.read_input(input_path)
     mine = [r for r in records if r.index % shard_n == shard_i]

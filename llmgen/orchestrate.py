@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmgen import config
-from llmgen.errors import LlmgenError, UsageError
+from llmgen.errors import BrokenLogits, LlmgenError, UsageError
 
 
 def read_prompt(prompt: str | None, errors: str = "strict", prompt_file: str | None = None) -> str:
@@ -86,7 +86,9 @@ def load(model: str | None, device: str, dtype: str, rows: int | None = None, th
     cpu_threads.use(threads)
 
     extra = {} if rows is None else {"rows": rows}
-    return load_checkpoint(default_model_dir(model), device=device, dtype=dtype, **extra)
+    ckpt = load_checkpoint(default_model_dir(model), device=device, dtype=dtype, **extra)
+    BrokenLogits.model = str(ckpt.path)
+    return ckpt
 
 
 def model_label(model: str | None) -> str:

@@ -29,12 +29,19 @@ class _Console(Console):
         raise OutputClosed
 
 
+def make_console(**options) -> Console:
+    """The console every view is drawn on. Markup is off: prompts, tokens, file names and
+    templates are the user's text, and ``[/bold]`` in a prompt must print as itself, not
+    close a tag (Rich raised MarkupError). Views style with ``Text`` objects instead."""
+    return _Console(highlight=False, soft_wrap=True, markup=False, **options)
+
+
 def stdout_console() -> Console:
-    return _Console(highlight=False, soft_wrap=True)
+    return make_console()
 
 
 def stderr_console() -> Console:
-    return _Console(stderr=True, highlight=False, soft_wrap=True)
+    return make_console(stderr=True)
 
 
 def is_terminal(stream=None) -> bool:
@@ -372,7 +379,7 @@ def _fit_columns(table: Table, width: int) -> bool:
     """Set ``table``'s column widths to fit ``width``, if it can: no-wrap columns as wide as
     their widest cell, the others at least their longest word, the spare room shared among
     these up to their widest cell. False (and nothing set) when even that is too wide."""
-    scratch = Console(width=10**4, file=io.StringIO(), color_system=None)
+    scratch = make_console(width=10**4, file=io.StringIO(), color_system=None)
     _, right, _, left = table.padding
     ranges = []
     for column in table.columns:
@@ -685,7 +692,10 @@ def models_table(rows: list[dict], available: bool) -> Table:
         table.add_column("source", style="dim")
         for r in rows:
             src = r["source"]
-            where = src.get("embedded") or f"{src.get('pypi', '?')} {src.get('file', '')}".strip()
+            if r.get("damaged"):
+                where = f"damaged: {r['damaged']} (llmgen rm {r['name']})"
+            else:
+                where = src.get("embedded") or f"{src.get('pypi', '?')} {src.get('file', '')}".strip()
             table.add_row(r["name"], _size(r["bytes"]), where)
         if len(rows) <= 1:
             table.caption = "pull more: `llmgen pull NAME` (see `llmgen list --available`)"
