@@ -11,8 +11,10 @@ Every problem a user can cause is a ``ModelError`` naming the file or tensor at 
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import functools
 import json
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -290,13 +292,14 @@ def load_checkpoint(
     cfg_path = model_dir / "config.json"
     hf_cfg = read_json(cfg_path)
     model_type = hf_cfg.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
         raise ModelError(f"{cfg_path}: model_type {model_type!r} is not supported (supported: {supported})")
     model_cls, read_config = ARCHITECTURES[model_type]
     files = weight_files(model_dir)
     try:
         cfg = read_config(hf_cfg)
+        _check_types(cfg, cfg_path)
         _check_layers(cfg.n_layer, files, cfg_path)
         with torch.device("meta"), _skip_init():
             model = model_cls(cfg)
@@ -344,6 +347,24 @@ def load_checkpoint(
         bos_token_id=bos[0] if bos else None,
         generation_defaults=defaults,
     )
+
+
+SIMPLE_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_types(cfg, cfg_path: Path) -> None:
+    """Each field of the model's config holds what its annotation says (``int``, ``float
+    | None``, ...), so a layer_norm_epsilon of null or a width of "64" is an error naming
+    the key rather than a TypeError deep inside torch. Compound fields (tuples) are built
+    by the family's reader, which checks them."""
+    for f in dataclasses.fields(cfg):
+        value, kinds = getattr(cfg, f.name), str(f.type).replace(" ", "").split("|")
+        if any(k not in SIMPLE_TYPES and k != "None" for k in kinds) or (value is None and "None" in kinds):
+            continue
+        allowed = tuple(t for k in kinds if k != "None" for t in SIMPLE_TYPES[k])
+        wrong = not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)
+        if wrong or (isinstance(value, float) and not math.isfinite(value)):
+            raise ModelError(f"{cfg_path}: {f.name} must be {' or '.join(kinds)}, got {value!r}")
 
 
 def _check_layers(n_layer: int, files: list[Path], cfg_path: Path) -> None:
