@@ -482,7 +482,7 @@ def probs(
     token_width = max(len(render.token_label(ckpt.token_text(t))) + 2 for t in shown)
     origin = orch.settings_origin(ckpt, settings, gen) + (f" · seed {gen.seed}" if gen.seed is not None else "")
     for d in dists:
-        title = f"after {render.token_label(context[-60:])}"
+        title = f"after {render.prompt_label(context)}"
         out.print(render.distribution_table(d, ckpt.token_text, top, title, out.width, token_width, origin), soft_wrap=False)
         context += ckpt.token_text(d.chosen)
 

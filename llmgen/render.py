@@ -225,6 +225,12 @@ def token_label(text: str) -> str:
     return "".join(f"\\u{ord(c):04x}" if _invisible(c) else c for c in quoted)
 
 
+def prompt_label(prompt: str, keep: int = 60) -> str:
+    """A prompt in a view's title: its end, where the text continues from (a 5 MB prompt
+    with --truncate left was drawn whole above its tree)."""
+    return token_label(prompt) if len(prompt) <= keep else "…" + token_label(prompt[-keep:])
+
+
 def _invisible(c: str) -> bool:
     import unicodedata
 
@@ -243,7 +249,7 @@ def search_tree(tree, token_text, prompt: str, title: str, top: int | None = Non
     """
     children = tree.children()
     best = set(tree.best_path)
-    root = Tree(Text.assemble((title + " ", "dim"), (token_label(prompt), "bold")), guide_style="dim")
+    root = Tree(Text.assemble((title + " ", "dim"), (prompt_label(prompt), "bold")), guide_style="dim")
 
     def label(node) -> Table:
         """The token in a column of its own that never wraps, the numbers beside it
@@ -487,7 +493,7 @@ def tree_legend(kind: str) -> Text:
 
 def samples_tree(root, decode, prompt: str) -> Tree:
     """``run --num-samples N --show-tree``: samples merged on shared prefixes, with counts."""
-    tree = Tree(Text.assemble(("samples ", "dim"), (token_label(prompt), "bold"), (f"  ×{root.count}", "dim")), guide_style="dim")
+    tree = Tree(Text.assemble(("samples ", "dim"), (prompt_label(prompt), "bold"), (f"  ×{root.count}", "dim")), guide_style="dim")
 
     def add(branch: Tree, node) -> None:
         for child in node.children:

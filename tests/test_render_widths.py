@@ -138,3 +138,10 @@ def test_step_table_with_long_tokens_drops_columns_not_characters(width):
     text = _draw(render.step_table(Sample(token_ids=list(range(7)), steps=steps), lambda t: words[t], width), width)
     _fits(text, width)
     assert all(render.token_label(w) in text for w in words)
+
+
+def test_a_long_prompt_is_shown_by_its_end():
+    """A 5 MB prompt (with --truncate left) was drawn whole above its tree."""
+    long = "word " * 100_000 + "the end"
+    assert render.prompt_label(long) == "…" + render.token_label(long[-60:])
+    assert render.prompt_label("I like") == render.token_label("I like")
