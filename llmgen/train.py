@@ -12,30 +12,38 @@ exactly the batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from llmgen import train_state
 from llmgen.cache import pad
-from llmgen.checkpoint import DTYPES, load_checkpoint, save_checkpoint, save_weights
+from llmgen.checkpoint import DTYPES, load_checkpoint, save_checkpoint
 from llmgen.config import require
 from llmgen.errors import LlmgenError
+from llmgen.files import disk_error, write_text
 from llmgen.models.gpt2 import GPT2, GPT2Config
 
 IGNORE_INDEX = -100
 EOS = "<|endoftext|>"
 STATE_DIR = "train-state"  # inside the output directory: what --resume continues from
+MIN_VOCAB = 258  # 256 bytes + EOS + 1 merge
+MAX_VOCAB = 1_000_000  # tokenizers reserves ~70 bytes an entry up front: 10**9 asked for 70 GB and aborted
+MAX_STEPS = 1_000_000_000
+SHAPE_FLAGS = {"vocab_size": "--vocab-size", "context": "--context", "n_layer": "--layers", "n_embd": "--dim", "n_head": "--heads"}
 
 
 @dataclass(frozen=True)
@@ -61,19 +69,31 @@ class TrainConfig:
     save_dtype: str = "float32"  # how the final weights are stored; float16 halves the file
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.vocab_size >= 258, f"--vocab-size must be >= 258 (256 bytes + EOS + 1 merge), got {self.vocab_size}"),
-            (self.context >= 8, f"--context must be >= 8, got {self.context}"),
-            (self.n_layer >= 1 and self.n_embd >= 8, "model size must be positive"),
-            (self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}"),
-            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
-            (self.save_dtype in ("float32", "bfloat16", "float16"), f"save_dtype {self.save_dtype!r} unknown"),
-        ]
-        for ok, message in checks:
-            require(ok, message)
+        self._check_shape()
+        self._check_schedule()
+
+    def _check_shape(self) -> None:
+        """Lower bounds only: what fits above them depends on the machine (``check_fits``)."""
+        require(MIN_VOCAB <= self.vocab_size <= MAX_VOCAB,
+                f"--vocab-size must be in [{MIN_VOCAB}, {MAX_VOCAB:,}] (256 bytes + EOS + 1 merge at least), got {self.vocab_size:,}")
+        require(self.context >= 8, f"--context must be >= 8, got {self.context}")
+        require(self.n_layer >= 1, f"--layers must be >= 1, got {self.n_layer}")
+        require(self.n_embd >= 8, f"--dim must be >= 8, got {self.n_embd}")
+        require(self.n_head >= 1, f"--heads must be >= 1, got {self.n_head}")
+        require(self.n_embd % self.n_head == 0, f"--dim {self.n_embd} must be a multiple of --heads {self.n_head}")
+        require(self.save_dtype in DTYPES, f"save_dtype {self.save_dtype!r} unknown")
+
+    def _check_schedule(self) -> None:
+        """Above lr 1 AdamW only diverges, and past float32's range its step overflows."""
+        require(1 <= self.steps <= MAX_STEPS, f"--steps must be in [1, {MAX_STEPS:,}], got {self.steps:,}")
+        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        require(math.isfinite(self.lr) and 0 < self.lr <= 1, f"--lr must be in (0, 1], got {self.lr}")
+        require(0 <= self.seed < 2**63, f"--seed must be in [0, 2**63), got {self.seed}")
+        rates = (self.min_lr_ratio, self.weight_decay, self.grad_clip)
+        require(all(math.isfinite(v) and v >= 0 for v in rates), f"min_lr_ratio, weight_decay and grad_clip must be finite and >= 0, got {rates}")
+        require(0 < self.val_fraction < 1, "val_fraction must be in (0, 1)")
+        require(min(self.eval_every, self.save_every, self.eval_batches) >= 1 and self.warmup >= 0,
+                "eval_every, save_every and eval_batches must be >= 1, warmup >= 0")
 
 
 PRESETS = {
@@ -85,6 +105,46 @@ PRESETS = {
         warmup=100, eval_every=100, save_every=100, bf16=True, save_dtype="float16",
     ),
 }
+
+
+def parameter_count(cfg: TrainConfig) -> int:
+    """GPT-2's parameters at these settings: tied embedding, positions, blocks, final norm."""
+    d = cfg.n_embd
+    return cfg.vocab_size * d + cfg.context * d + cfg.n_layer * (12 * d * d + 13 * d) + 2 * d
+
+
+def memory_needed(cfg: TrainConfig) -> int:
+    """A lower bound on the bytes training takes, in float32: weights, gradients and two
+    AdamW moments, plus the activations backward keeps (about 16 widths per token and
+    layer, and the logits with their gradient). Measured peaks run 1.0 to 1.7 times this."""
+    tokens = cfg.batch_size * cfg.context
+    return 4 * (4 * parameter_count(cfg) + tokens * (16 * cfg.n_layer * cfg.n_embd + 2 * cfg.vocab_size))
+
+
+def memory_available(device: torch.device) -> int | None:
+    """The memory of ``device``: the GPU's, else the machine's RAM or the container's
+    limit if lower; None where the platform does not say."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        return min(total, int(Path("/sys/fs/cgroup/memory.max").read_text()))
+    except (OSError, ValueError):  # no cgroup v2, or "max"
+        return total
+
+
+def check_fits(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse a model that cannot train in this device's memory, before any work starts."""
+    need, have = memory_needed(cfg), memory_available(device)
+    require(
+        have is None or need <= have,
+        f"--layers {cfg.n_layer} --dim {cfg.n_embd} --vocab-size {cfg.vocab_size:,} ({parameter_count(cfg) / 1e6:,.1f}M parameters) "
+        f"with --batch-size {cfg.batch_size:,} --context {cfg.context:,} need at least {need / 2**30:,.1f} GiB to train, "
+        f"and this {device.type} has {(have or 0) / 2**30:,.1f} GiB: make some of them smaller",
+    )
 
 
 @dataclass(frozen=True)
@@ -253,12 +313,14 @@ class Trainer:
     """One training run: model, optimizer, data sampler, and where it saves itself."""
 
     def __init__(self, model: GPT2, cfg: TrainConfig, batches: Callable[[int], tuple], val: Callable[[int], tuple],
-                 out_dir: Path, device: torch.device) -> None:
+                 out_dir: Path, device: torch.device, tokenizer: Tokenizer | None = None) -> None:
         self.model, self.cfg, self.batches, self.val = model, cfg, batches, val
         self.out_dir, self.device = out_dir, device
+        self.tokenizer = tokenizer  # saved with the state when training made it, so a resume reads it back
         self.optimizer = make_optimizer(model, cfg)
         self.step = 0
         self.last_eval: float | None = None
+        self.initial_eval: float | None = None
 
     def _loss(self, inputs, mask, labels) -> torch.Tensor:
         inputs, labels = inputs.to(self.device), labels.to(self.device)
@@ -281,17 +343,9 @@ class Trainer:
         done_here = 0
         while self.step < cfg.steps and (stop_after is None or done_here < stop_after):
             lr = learning_rate(self.step, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            inputs, mask, labels = self.batches(self.step)
-            loss = self._loss(inputs, mask, labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self.step += 1
+            loss, step_tokens = self._train_step(lr)
             done_here += 1
-            tokens += int((labels != IGNORE_INDEX).sum())
+            tokens += step_tokens
             evaluated = None
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 evaluated = self.last_eval = self.evaluate()
@@ -299,56 +353,74 @@ class Trainer:
                 self.save_state()
             if on_progress is not None:
                 elapsed = time.perf_counter() - started
-                on_progress(Progress(self.step, cfg.steps, loss.item(), evaluated, lr, tokens / max(elapsed, 1e-9), elapsed))
+                on_progress(Progress(self.step, cfg.steps, loss, evaluated, lr, tokens / max(elapsed, 1e-9), elapsed))
 
-    def run_resumable(self, resume: bool, on_progress, stop_after: int | None) -> tuple[float, float]:
-        """Continue from the saved state when resuming, else start fresh; return the
-        held-out loss before training (of the original start) and after."""
-        # The loss before training belongs to the run's start: read it back when resuming,
-        # else measure it now, before any saved state is loaded (initialisation is seeded).
-        initial = _read_record(self.out_dir).get("initial_eval_loss") if resume else None
-        if initial is None:
-            initial = self.evaluate()
-        if not (resume and self.load_state()):
-            _write_record(self.out_dir, {"initial_eval_loss": initial})
+    def _train_step(self, lr: float) -> tuple[float, int]:
+        """One optimizer step; returns its loss and how many tokens it scored."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        inputs, mask, labels = self.batches(self.step)
+        loss = self._loss(inputs, mask, labels)
+        self._require_finite("loss", loss.item())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self._require_finite("gradient norm", norm.item())
+        self.optimizer.step()
+        self.step += 1
+        return loss.item(), int((labels != IGNORE_INDEX).sum())
+
+    def _require_finite(self, what: str, value: float) -> None:
+        """Stop before a NaN or infinity reaches the weights: every save stays usable."""
+        if not math.isfinite(value):
+            raise LlmgenError(
+                f"training diverged at step {self.step + 1} of {self.cfg.steps}: the {what} is {value} "
+                "(a lower --lr may help); nothing from this step on was saved"
+            )
+
+    def run_resumable(self, saved: train_state.Save | None, on_progress, stop_after: int | None) -> tuple[float, float]:
+        """Continue from ``saved`` when given, else start fresh; return the held-out loss
+        before training (of the original start) and after."""
+        _make_dir(self.out_dir / STATE_DIR)  # marks the run for --resume
+        if saved is None:
+            self.initial_eval = self.evaluate()  # initialisation is seeded: the same on every start
+        else:
+            self.load_state(saved)
         self.run(on_progress, stop_after)
         final = self.last_eval if self.last_eval is not None else self.evaluate()
-        return initial, final
+        return self.initial_eval, final
 
     def finish(self, record: dict, tokenizer: Tokenizer, generation: dict) -> TrainResult:
-        """Write the training record, and the checkpoint once every step is done."""
+        """Write the checkpoint once every step is done, then the training record, whose
+        presence marks the directory as finished (``finished``)."""
         done = self.step >= self.cfg.steps
         if done:
             save_checkpoint(self.model, tokenizer, self.out_dir, generation, DTYPES[self.cfg.save_dtype])
         _write_record(self.out_dir, record)
-        if done:  # a finished model directory holds the model, not the optimizer's moments
-            shutil.rmtree(self.out_dir / STATE_DIR, ignore_errors=True)
+        if done:
+            tidy_finished(self.out_dir)
         return TrainResult(self.out_dir, self.step, record["initial_eval_loss"], record["final_eval_loss"], record)
 
     # -- resumable state: weights and optimizer moments in safetensors, counters in JSON (no pickle)
 
     def save_state(self) -> None:
-        state_dir = self.out_dir / STATE_DIR
-        state_dir.mkdir(parents=True, exist_ok=True)
+        meta = {"last_eval": self.last_eval, "initial_eval_loss": self.initial_eval, "config": asdict(self.cfg)}
+        train_state.write(self.out_dir / STATE_DIR, self.step, meta, self._state_tensors(), self.tokenizer)
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         names = {id(p): n for n, p in self.model.named_parameters()}
         for p, st in self.optimizer.state.items():
             for key in ("exp_avg", "exp_avg_sq"):
                 tensors[f"optim.{names[id(p)]}.{key}"] = st[key].detach().cpu().contiguous()
             tensors[f"optim.{names[id(p)]}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
-        tmp = state_dir / "state.safetensors.tmp"
-        save_weights(tensors, tmp)
-        tmp.replace(state_dir / "state.safetensors")
-        meta = {"step": self.step, "last_eval": self.last_eval, "config": asdict(self.cfg)}
-        (state_dir / "state.json").write_text(json.dumps(meta, indent=2))
+        return tensors
 
-    def load_state(self) -> bool:
-        state_dir = self.out_dir / STATE_DIR
-        if not (state_dir / "state.json").is_file():
-            return False
-        meta = json.loads((state_dir / "state.json").read_text())
-        tensors = load_file(str(state_dir / "state.safetensors"))
-        self.model.load_state_dict({k[6:]: v.to(self.device) for k, v in tensors.items() if k.startswith("model.")})
+    def load_state(self, saved: train_state.Save) -> None:
+        tensors = saved.tensors
+        weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        self._require_same_shape(saved, weights)
+        self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
         for name, p in self.model.named_parameters():
             if f"optim.{name}.exp_avg" in tensors:
                 self.optimizer.state[p] = {
@@ -356,8 +428,19 @@ class Trainer:
                     "exp_avg": tensors[f"optim.{name}.exp_avg"].to(self.device),
                     "exp_avg_sq": tensors[f"optim.{name}.exp_avg_sq"].to(self.device),
                 }
-        self.step, self.last_eval = meta["step"], meta["last_eval"]
-        return True
+        self.step, self.last_eval = saved.step, saved.meta.get("last_eval")
+        self.initial_eval = saved.meta.get("initial_eval_loss")
+
+    def _require_same_shape(self, saved: train_state.Save, weights: dict[str, torch.Tensor]) -> None:
+        """A resume with other model flags than the run began with: name them."""
+        expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        if expected == {k: tuple(v.shape) for k, v in weights.items()}:
+            return
+        before = saved.meta.get("config", {})
+        changed = [f"{flag} {before[key]} (now {getattr(self.cfg, key)})" for key, flag in SHAPE_FLAGS.items()
+                   if key in before and before[key] != getattr(self.cfg, key)]
+        raise LlmgenError(f"cannot resume: {saved.path} holds a model of another shape"
+                          + (f", made with {', '.join(changed)}" if changed else "") + "; resume with the flags the run began with")
 
 
 # ---------------------------------------------------------------- entry points
@@ -373,7 +456,11 @@ class TrainResult:
 
 
 def _seeded(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**64)  # torch takes 64 bits
+
+
+def _resume_from(out_dir: Path, resume: bool, on_warning: Callable[[str], None] | None) -> train_state.Save | None:
+    return train_state.latest(out_dir / STATE_DIR, on_warning or warnings.warn) if resume else None
 
 
 def pretrain(
@@ -384,17 +471,15 @@ def pretrain(
     resume: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
     stop_after: int | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> TrainResult:
+    """Train a tokenizer and a model on ``files``. With ``resume``, continue from the
+    newest whole save in ``out_dir``; ``on_warning`` hears of each damaged save skipped."""
     torch.manual_seed(cfg.seed)
     docs = read_documents(files)
     train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
-    tok_path = out_dir / STATE_DIR / "tokenizer.json"
-    if resume and tok_path.is_file():
-        tok = Tokenizer.from_file(str(tok_path))
-    else:
-        tok = train_tokenizer(train_docs, cfg.vocab_size)
-        tok_path.parent.mkdir(parents=True, exist_ok=True)
-        tok.save(str(tok_path))
+    saved = _resume_from(out_dir, resume, on_warning)
+    tok = saved.tokenizer if saved and saved.tokenizer else train_tokenizer(train_docs, cfg.vocab_size)
     train_ids, val_ids = token_stream(train_docs, tok), token_stream(val_docs, tok)
 
     model_cfg = GPT2Config(
@@ -411,8 +496,8 @@ def pretrain(
     def val_batch(i: int):
         return batch(i, val_ids, offset=7919)
 
-    trainer = Trainer(model, cfg, batch, val_batch, out_dir, device)
-    initial, final = trainer.run_resumable(resume, on_progress, stop_after)
+    trainer = Trainer(model, cfg, batch, val_batch, out_dir, device, tokenizer=tok)
+    initial, final = trainer.run_resumable(saved, on_progress, stop_after)
     record = {
         "kind": "pretrain",
         "config": asdict(cfg),
@@ -438,6 +523,7 @@ def finetune(
     resume: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
     stop_after: int | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> TrainResult:
     base = load_checkpoint(init_dir, device=str(device), dtype="float32", trainable=True)
     model = base.model.requires_grad_(True)
@@ -460,7 +546,7 @@ def finetune(
 
     cfg = replace(cfg, context=context + 1)
     trainer = Trainer(model, cfg, lambda s: pick(train, s), lambda i: pick(val, i, 7919), out_dir, device)
-    initial, final = trainer.run_resumable(resume, on_progress, stop_after)
+    initial, final = trainer.run_resumable(_resume_from(out_dir, resume, on_warning), on_progress, stop_after)
     record = {
         "kind": "finetune",
         "init": str(init_dir),
@@ -483,17 +569,43 @@ def finished(out_dir: Path) -> dict | None:
     return None
 
 
+def tidy_finished(out_dir: Path) -> None:
+    """A finished model directory holds the model, not the optimizer's moments: delete
+    the state, and what a kill while finishing left (temporary files, a half-deleted
+    state). Best effort: the model is whole whatever stays."""
+    if (out_dir / STATE_DIR).exists():
+        train_state.remove(out_dir / STATE_DIR)
+    for leftover in [*out_dir.glob(f".{STATE_DIR}.*.deleting"), *out_dir.glob(".*.[0-9]*.tmp")]:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(path, e) from e
+
+
 def _record_path(out_dir: Path) -> Path:
     return out_dir / "training.json"
 
 
 def _read_record(out_dir: Path) -> dict:
     path = _record_path(out_dir)
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict):
+        raise LlmgenError(f"{path} is damaged (cut short, or not a training record): move it away to train into {out_dir}")
+    return record
 
 
 def _write_record(out_dir: Path, record: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _record_path(out_dir).write_text(json.dumps(record, indent=2) + "\n")
+    _make_dir(out_dir)
+    write_text(_record_path(out_dir), json.dumps(record, indent=2) + "\n")
 
 

@@ -22,6 +22,20 @@ from llmgen.train import (
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Float sums depend on how many threads split them: a run resumed on two threads
+    after starting on one differs by 1e-3 in loss. Commands choose their threads by the
+    machine's load (llmgen/threads.py), so every run here, in process or through the CLI,
+    is held to one."""
+    saved = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMGEN_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(saved)
+
+
 def grammar_text(n: int, seed: int) -> str:
     """Sentences from a small grammar: learnable structure, not memorisable text."""
     rng = random.Random(seed)
