@@ -329,7 +329,7 @@ complete -c llmgen -n '__fish_seen_subcommand_from train' -l no-bf16 -d 'Negate 
 complete -c llmgen -n '__fish_seen_subcommand_from train' -l seed -s s -x -d 'Seed for init, split and batches.'
 complete -c llmgen -n '__fish_seen_subcommand_from train' -l init -x -a '(__fish_complete_directories)' -d 'Fine-tune this checkpoint instead of training from scratch.'
 complete -c llmgen -n '__fish_seen_subcommand_from train' -l pairs -r -F -d 'JSONL of {prompt, completion} to fine-tune on (with --init).'
-complete -c llmgen -n '__fish_seen_subcommand_from train' -l resume -d 'Continue an interrupted run in --output from its last save.'
+complete -c llmgen -n '__fish_seen_subcommand_from train' -l resume -d 'Continue an interrupted run in --output from its newest save; a save found damaged is skipped, with a warning, for the one before it (the weights come out the same).'
 complete -c llmgen -n '__fish_seen_subcommand_from train' -l no-resume -d 'Negate --resume'
 complete -c llmgen -n '__fish_seen_subcommand_from train' -l threads -x -d 'CPU threads'
 complete -c llmgen -n '__fish_seen_subcommand_from train' -l device -x -a 'auto cpu cuda' -d 'auto, cpu, cuda or cuda:N'

@@ -944,7 +944,7 @@ def train(
     seed: Annotated[int, typer.Option("--seed", "-s", help="Seed for init, split and batches.")] = 0,
     init: Annotated[Optional[Path], typer.Option(help="Fine-tune this checkpoint instead of training from scratch.")] = None,
     pairs: Annotated[Optional[Path], typer.Option(help="JSONL of {prompt, completion} to fine-tune on (with --init).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --output from its last save.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --output from its newest save; a save found damaged is skipped, with a warning, for the one before it (the weights come out the same).")] = False,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -980,9 +980,9 @@ def train(
     torch_device = resolve_device(device)
     with render.TrainingProgress(cfg.steps) as progress:
         if init is not None:
-            result = training.finetune(init, pairs, output, cfg, torch_device, resume, progress.update)
+            result = training.finetune(init, pairs, output, cfg, torch_device, resume, progress.update, on_warning=_train_warning)
         else:
-            result = training.pretrain(list(text_files), output, cfg, torch_device, resume, progress.update)
+            result = training.pretrain(list(text_files), output, cfg, torch_device, resume, progress.update, on_warning=_train_warning)
     render.stderr_console().print(render.training_summary(result.record, output))
 
 
@@ -1013,6 +1013,7 @@ def command():
 
 
 def _strict_numbers(param) -> None:
+        training.tidy_finished(output)
     """Typer 0.29 parses numbers with Pydantic's lax rules: ``-n 1000000000.0`` is an
     integer and ``-t inf`` or ``nan`` a temperature. Every number flag takes the strict
     parser instead, which refuses those as a usage error naming the flag."""
@@ -1023,6 +1024,8 @@ def _strict_numbers(param) -> None:
     while getattr(annotation, "__args__", None):  # Optional[int] -> int
         annotation = next(a for a in annotation.__args__ if a is not type(None))
     parser = {int: _integer, float: _finite}.get(annotation)
+    if init is None:  # fine-tuning's model size comes from --init, not from these flags
+        training.check_fits(cfg, torch_device)
     if parser is not None:
         desc.parameter_info.parser = parser
 
@@ -1031,6 +1034,10 @@ def _integer(text):
     if isinstance(text, int):
         return text
     try:
+def _train_warning(message: str) -> None:
+    sys.stderr.write(f"llmgen: warning: {message}\n")
+
+
         return int(str(text).strip())
     except ValueError:
         raise ValueError(f"{text!r} is not an integer") from None
