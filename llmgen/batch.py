@@ -213,8 +213,17 @@ def plan(jobs: list[Job], batch_size: int) -> list[list[Job]]:
     return batches
 
 
+@dataclass(frozen=True)
+class Extras:
+    """What a record holds beyond run --json's fields when asked: ``top_logprobs`` (the N
+    best tokens per step) and ``prompt_logprobs``."""
+
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
+
+
 def run_batches(ckpt, batches: list[list[Job]], sink: Sink, on_batch: Callable[[int, int], None] | None = None,
-                model: str = "embedded") -> None:
+                model: str = "embedded", extras: Extras = Extras()) -> None:
     """Generate batch after batch, writing each batch's records as soon as it is done.
     Jobs in one batch share their sampling config and stop rules; each keeps its own
     seed and length limit."""
@@ -223,13 +232,26 @@ def run_batches(ckpt, batches: list[list[Job]], sink: Sink, on_batch: Callable[[
     for jobs in batches:
         gen = jobs[0].gen
         rows = [Row(j.prompt_ids, j.gen.seed, j.gen.max_new_tokens) for j in jobs]  # greedy rows ignore their seed
-        samples = generate_batch(ckpt.model, rows, gen, ckpt.decode)
-        sink.write([output_record(j, s, model) for j, s in zip(jobs, samples)])
+        samples = generate_batch(ckpt.model, rows, gen, ckpt.decode, trace_top=extras.top_logprobs)
+        sink.write([output_record(j, s, model, _extra(ckpt, j, s, extras)) for j, s in zip(jobs, samples)])
         if on_batch is not None:
             on_batch(len(jobs), sum(len(s.token_ids) for s in samples))
 
 
-def output_record(job: Job, sample, model: str = "embedded") -> dict:
+def _extra(ckpt, job: Job, sample, extras: Extras) -> dict:
+    from llmgen import orchestrate as orch
+    from llmgen import render
+
+    out = {}
+    if extras.prompt_logprobs:
+        out["prompt_logprobs"] = orch.prompt_logprobs(ckpt, job.prompt_ids)
+    if extras.top_logprobs:
+        out["top_logprobs"] = render.top_logprobs_record([st.alternatives for st in sample.steps], ckpt.token_text,
+                                                         extras.top_logprobs)
+    return out
+
+
+def output_record(job: Job, sample, model: str = "embedded", extra: dict | None = None) -> dict:
     """The record of ``run --json``, plus where it sits in INPUT (``index``, ``id``); its
     ``model`` and ``settings`` let any one record be replayed with ``run``."""
     rec = {"index": job.record.index}
@@ -243,8 +265,10 @@ def output_record(job: Job, sample, model: str = "embedded") -> dict:
         logprobs=sample.logprobs,
         finish_reason=sample.finish_reason,
         seed=sample.seed,
+        entropy=sample.entropies,
         model=model,
         settings=config.effective(job.gen),
+        **(extra or {}),
     )
     return rec
 

@@ -115,10 +115,10 @@ class ChatSession:
         shared = _shared_prefix(self.cached, ids)
         chosen: list[int] = []
 
-        def record(row, token, logprob, delta):
+        def record(row, token, logprob, entropy, delta):
             chosen.append(token)
             if on_token is not None:
-                on_token(row, token, logprob, delta)
+                on_token(row, token, logprob, entropy, delta)
 
         try:
             sample = generate_batch(self.ckpt.model, [Row(ids, gen.seed, gen.max_new_tokens)], gen, self.ckpt.decode,

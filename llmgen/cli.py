@@ -60,6 +60,11 @@ class Errors(str, Enum):
     replace = "replace"
 
 
+class ColorBy(str, Enum):
+    prob = "prob"
+    entropy = "entropy"
+
+
 class Preset(str, Enum):
     tiny = "tiny"
     small = "small"
@@ -79,6 +84,9 @@ ModelOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(callback=_device, help="auto, cpu, cuda or cuda:N. auto picks CUDA when available.")]
 DtypeOpt = Annotated[Dtype, typer.Option(help="auto: float32 on CPU, bfloat16 on CUDA.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON records instead of text.")]
+LogprobsOpt = Annotated[int, typer.Option("--logprobs", metavar="N", help="Each record's top_logprobs: the N most probable tokens at every step, under the model's unmodified distribution (as OpenAI and vLLM name it).")]
+PromptLogprobsOpt = Annotated[bool, typer.Option("--prompt-logprobs", help="Each record's prompt_logprobs: every prompt token's logprob given those before it (the first is null).")]
+ColorByOpt = Annotated[Optional[ColorBy], typer.Option("--color-by", show_default=False, help="On a terminal, colour each token by its probability or by the entropy of the distribution it came from; the legend goes to stderr.")]
 PromptArg = Annotated[Optional[str], typer.Argument(
     help="Text to continue; '-' or a pipe reads stdin (piped text and PROMPT together are joined).", show_default=False)]
 PromptFileOpt = Annotated[Optional[str], typer.Option("--prompt-file", "-f", metavar="PATH", help="Read the prompt from this file.", show_default=False)]
@@ -192,7 +200,10 @@ def run(
     stop: StopOpt = None,
     ignore_eos: IgnoreEosOpt = False,
     echo: EchoOpt = False,
-    show_probs: Annotated[bool, typer.Option("--show-probs", help="After generating, show each step's token probability and the best alternatives.")] = False,
+    show_probs: Annotated[bool, typer.Option("--show-probs", help="After generating, show each step's token probability, the entropy it was chosen from, and the best alternatives.")] = False,
+    logprobs: LogprobsOpt = 0,
+    prompt_logprobs: PromptLogprobsOpt = False,
+    color_by: ColorByOpt = None,
     show_tree: Annotated[bool, typer.Option("--show-tree", help="With --num-samples: merge the samples into one prefix tree with counts.")] = False,
     show_prompt: Annotated[bool, typer.Option("--show-prompt", help="Print the exact prompt the model was given (chat template and special tokens included) before the continuation.")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="With --json: one JSON event per token as it is chosen, then the records.")] = False,
@@ -215,6 +226,7 @@ def run(
     from llmgen import orchestrate as orch
 
     config.GenerationConfig(num_samples=num_samples, stop=tuple(stop or ()), seed=seed)  # checked before loading
+    _check_logprobs(logprobs, prompt_logprobs, as_json, "run")
     system = orch.check_chat(chat, system, chat_template, errors.value)
     text = orch.read_prompt(prompt, errors.value, prompt_file)
 
@@ -233,14 +245,20 @@ def run(
     if as_json and stream:
         on_token = _json_events(ckpt)
     elif streaming:
-        on_token = render.TextStream(out)
+        on_token = render.TextStream(out, color_by.value if color_by else None)
         on_token.prompt(shown)
+        if color_by and render.is_terminal():
+            render.stderr_console().print(render.color_legend(color_by.value))
     timings = Timings()
-    samples = generate(ckpt.model, ids, gen, ckpt.decode, on_token=on_token, trace_top=6 if show_probs else 0, timings=timings)
+    show_probs = show_probs or (logprobs > 0 and not as_json)  # on a terminal, --logprobs N is the step table
+    trace_top = max(logprobs, 6 if show_probs else 0)
+    samples = generate(ckpt.model, ids, gen, ckpt.decode, on_token=on_token, trace_top=trace_top, timings=timings)
 
     if as_json:
         extra = {"model": orch.model_label(model), "settings": config.effective(gen), "timings": timings.record()}
-        _run_records(ckpt, text, ids, samples, extra, show_probs, show_tree)
+        if prompt_logprobs:
+            extra["prompt_logprobs"] = orch.prompt_logprobs(ckpt, ids)
+        _run_records(ckpt, text, ids, samples, extra, show_probs, show_tree, logprobs)
         return
     if streaming:
         on_token.end()
@@ -255,6 +273,13 @@ def run(
         render.stderr_console().print(render.run_summary(samples, timings))
 
 
+def _check_logprobs(n: int, prompt: bool, as_json: bool, command: str) -> None:
+    if n < 0:
+        raise UsageError(f"--logprobs must be >= 0, got {n}")
+    if prompt and not as_json:
+        raise UsageError(f"--prompt-logprobs goes into the JSON record: add --json (llmgen {command})")
+
+
 def _shown_prompt(ckpt, text: str, ids: list[int], echo: bool, show_prompt: bool, chat: bool) -> str:
     """What precedes the continuation in plain output: nothing; with --echo the prompt
     (a chat prompt on its own line, the reply below it); with --show-prompt the exact
@@ -266,15 +291,19 @@ def _shown_prompt(ckpt, text: str, ids: list[int], echo: bool, show_prompt: bool
     return ""
 
 
-def _run_records(ckpt, text: str, ids: list[int], samples, extra: dict, show_probs: bool, show_tree: bool) -> None:
-    """``run --json``: a record per sample (with its steps under --show-probs), then the
-    samples' tree under --show-tree."""
+def _run_records(ckpt, text: str, ids: list[int], samples, extra: dict, show_probs: bool, show_tree: bool,
+                 top_logprobs: int = 0) -> None:
+    """``run --json``: a record per sample (with its steps under --show-probs, its
+    top_logprobs under --logprobs N), then the samples' tree under --show-tree."""
     from llmgen import render
     from llmgen.decoding.trace import prefix_tree
 
     for s in samples:
         steps = {"steps": render.steps_record(s, ckpt.token_text)} if show_probs else {}
-        _write_json(_record(text, ids, s.text, s.token_ids, s.logprobs, s.finish_reason, s.seed, **extra, **steps))
+        if top_logprobs:
+            steps["top_logprobs"] = render.top_logprobs_record([st.alternatives for st in s.steps], ckpt.token_text, top_logprobs)
+        _write_json(_record(text, ids, s.text, s.token_ids, s.logprobs, s.finish_reason, s.seed, entropy=s.entropies,
+                            **extra, **steps))
     if show_tree:
         _write_json({"event": "tree", "tree": render.prefix_tree_record(prefix_tree(samples), ckpt.token_text)})
 
@@ -305,9 +334,9 @@ def _separator(value: str | None) -> str:
 def _json_events(ckpt):
     """``--json --stream``: one event per token as it is chosen, before the records."""
 
-    def on_token(row: int, token: int, logprob: float, delta: str) -> None:
+    def on_token(row: int, token: int, logprob: float, entropy: float, delta: str) -> None:
         _write_json({"event": "token", "sample": row, "token_id": token, "token": ckpt.token_text(token),
-                     "logprob": logprob, "text": delta})
+                     "logprob": logprob, "entropy": entropy, "text": delta})
 
     return on_token
 
@@ -318,6 +347,7 @@ def beam(
     prompt_file: PromptFileOpt = None,
     model: ModelOpt = None,
     width: Annotated[int, typer.Option("--width", "-w", help="Beams kept at each step (1 = greedy).")] = 4,
+    logprobs: LogprobsOpt = 0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")] = 20,
     length_penalty: Annotated[float, typer.Option("--length-penalty", help="alpha: a finished hypothesis scores sum(logprobs) / length**alpha.")] = 1.0,
     num_return: Annotated[int, typer.Option("--num-return", help="Hypotheses to return, best first (<= width).")] = 1,
@@ -345,6 +375,9 @@ def beam(
     from llmgen.decoding.beam import BeamConfig, beam_search
 
     cfg = BeamConfig(width, max_new_tokens, length_penalty, num_return, no_repeat_ngram_size, early_stopping, (), tree_top)
+    _check_logprobs(logprobs, False, as_json, "beam")
+    if logprobs and not as_json:
+        raise UsageError("--logprobs goes into the JSON records: add --json (llmgen beam)")
     system = orch.check_chat(chat, system, chat_template, errors.value)
     text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
@@ -361,9 +394,12 @@ def beam(
              "finish_reason": h.finish_reason}
             for h in hyps
         ]
+        for b, h in zip(beams, hyps):
+            b.update(orch.forced_records(ckpt, ids, h.token_ids, logprobs))
         tree = {"tree": render.search_tree_record(result.tree, ckpt.token_text)} if show_tree else {}
-        _write_json(_record(text, ids, beams[0]["text"], best.token_ids, best.logprobs, best.finish_reason, None, beams=beams,
-                            **tree))
+        steps = {k: beams[0][k] for k in ("entropy", "top_logprobs") if k in beams[0]}
+        _write_json(_record(text, ids, beams[0]["text"], best.token_ids, best.logprobs, best.finish_reason, None, **steps,
+                            beams=beams, **tree))
         return
     out = render.stdout_console()
     if show_tree:
@@ -590,6 +626,7 @@ def chat(
     system: Annotated[Optional[str], typer.Option("--system", help="System message.")] = None,
     chat_template: ChatTemplateOpt = None,
     seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Seed of the first reply; reply i uses seed + i. Default: random, and reported.")] = None,
+    color_by: ColorByOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
@@ -612,6 +649,9 @@ def chat(
     if interactive:
         _readline_history()
         err.print(render.chat_banner(orch.model_label(model), session.templated, session.seed))
+        if color_by:
+            err.print(render.color_legend(color_by.value))
+    color = color_by.value if color_by else None
     while True:
         try:
             line = _read_turn(interactive)
@@ -624,10 +664,10 @@ def chat(
             continue
         try:
             if line.startswith("/"):
-                if _chat_command(session, line, out, err) == "exit":
+                if _chat_command(session, line, out, err, color) == "exit":
                     break
                 continue
-            _chat_reply(session, lambda on_token: session.reply(line, on_token), out, err, interactive)
+            _chat_reply(session, lambda on_token: session.reply(line, on_token), out, err, interactive, color)
         except LlmgenError as e:
             err.print(f"llmgen: {e}", markup=False, highlight=False)
 
@@ -669,11 +709,12 @@ def _readline_history() -> None:
     atexit.register(save)
 
 
-def _chat_reply(session, answer, out, err, interactive: bool) -> None:
-    """Stream one reply; Ctrl-C stops it and keeps the session (and the words so far)."""
+def _chat_reply(session, answer, out, err, interactive: bool, color_by: str | None = None) -> None:
+    """Stream one reply (coloured by ``color_by`` on a terminal); Ctrl-C stops it and
+    keeps the session (and the words so far)."""
     from llmgen import render
 
-    stream = render.TextStream(out)
+    stream = render.TextStream(out, color_by)
     try:
         sample = answer(stream)
     except KeyboardInterrupt:
@@ -685,7 +726,7 @@ def _chat_reply(session, answer, out, err, interactive: bool) -> None:
         err.print(render.chat_turn_summary(session.stats[-1], sample))
 
 
-def _chat_command(session, line: str, out, err) -> str | None:
+def _chat_command(session, line: str, out, err, color_by: str | None = None) -> str | None:
     from llmgen import render
 
     name, _, arg = line[1:].partition(" ")
@@ -704,7 +745,7 @@ def _chat_command(session, line: str, out, err) -> str | None:
         session.system = arg or None
         err.print("system message set" if arg else "system message cleared")
     elif name == "retry":
-        _chat_reply(session, session.retry, out, err, sys.stdin.isatty())
+        _chat_reply(session, session.retry, out, err, sys.stdin.isatty(), color_by)
     elif name == "undo":
         session.undo()
         err.print("forgot the last exchange")
@@ -776,6 +817,8 @@ def batch(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT instead of resuming it.")] = False,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Write an error record for a malformed input record and go on.")] = False,
     ordered: Annotated[bool, typer.Option("--ordered", help="Write records in input order (each waits for the ones before it).")] = False,
+    logprobs: LogprobsOpt = 0,
+    prompt_logprobs: PromptLogprobsOpt = False,
     truncate: TruncateOpt = Truncate.none,
     chat: ChatOpt = False,
     system: SystemOpt = None,
@@ -795,6 +838,7 @@ def batch(
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    _check_logprobs(logprobs, prompt_logprobs, True, "batch")
     if input_path is None:
         if sys.stdin.isatty():
             raise UsageError("missing INPUT (a file of prompts, or pipe them in)")
@@ -833,7 +877,8 @@ def batch(
     if errors:
         sink.write(errors)
     with render.BatchProgress(len(todo), already=len(errors)) as progress:  # counts tokens and time, after loading
-        batching.run_batches(ckpt, batching.plan(jobs, batch_size), sink, progress.update, orch.model_label(model))
+        batching.run_batches(ckpt, batching.plan(jobs, batch_size), sink, progress.update, orch.model_label(model),
+                             batching.Extras(logprobs, prompt_logprobs))
     sink.close()
     render.stderr_console().print(render.batch_summary(
         len(mine), len(mine) - len(todo), len(todo), progress.tokens, progress.seconds(), output, errors=len(errors)))
@@ -968,6 +1013,7 @@ def train(
         if not resume:
             raise LlmgenError(f"{output} holds a finished model ({done['steps']} steps): choose another --output")
         sys.stderr.write(f"llmgen: {output} is already trained ({done['steps']} of {done['config']['steps']} steps); nothing to resume\n")
+        training.tidy_finished(output)
         return
     if (output / training.STATE_DIR).exists() and not resume:
         raise LlmgenError(f"{output} holds an earlier run: pass --resume to continue it, or choose another --output")
@@ -978,12 +1024,18 @@ def train(
 
     cpu_threads.use(threads)
     torch_device = resolve_device(device)
+    if init is None:  # fine-tuning's model size comes from --init, not from these flags
+        training.check_fits(cfg, torch_device)
     with render.TrainingProgress(cfg.steps) as progress:
         if init is not None:
             result = training.finetune(init, pairs, output, cfg, torch_device, resume, progress.update, on_warning=_train_warning)
         else:
             result = training.pretrain(list(text_files), output, cfg, torch_device, resume, progress.update, on_warning=_train_warning)
     render.stderr_console().print(render.training_summary(result.record, output))
+
+
+def _train_warning(message: str) -> None:
+    sys.stderr.write(f"llmgen: warning: {message}\n")
 
 
 def _fail(message: str, code: int) -> int:
@@ -1013,7 +1065,6 @@ def command():
 
 
 def _strict_numbers(param) -> None:
-        training.tidy_finished(output)
     """Typer 0.29 parses numbers with Pydantic's lax rules: ``-n 1000000000.0`` is an
     integer and ``-t inf`` or ``nan`` a temperature. Every number flag takes the strict
     parser instead, which refuses those as a usage error naming the flag."""
@@ -1024,8 +1075,6 @@ def _strict_numbers(param) -> None:
     while getattr(annotation, "__args__", None):  # Optional[int] -> int
         annotation = next(a for a in annotation.__args__ if a is not type(None))
     parser = {int: _integer, float: _finite}.get(annotation)
-    if init is None:  # fine-tuning's model size comes from --init, not from these flags
-        training.check_fits(cfg, torch_device)
     if parser is not None:
         desc.parameter_info.parser = parser
 
@@ -1034,10 +1083,6 @@ def _integer(text):
     if isinstance(text, int):
         return text
     try:
-def _train_warning(message: str) -> None:
-    sys.stderr.write(f"llmgen: warning: {message}\n")
-
-
         return int(str(text).strip())
     except ValueError:
         raise ValueError(f"{text!r} is not an integer") from None

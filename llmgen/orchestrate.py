@@ -91,6 +91,23 @@ def load(model: str | None, device: str, dtype: str, rows: int | None = None, th
     return ckpt
 
 
+def prompt_logprobs(ckpt, ids: list[int]) -> list[float | None]:
+    """Each prompt token's logprob given the tokens before it (vLLM's prompt_logprobs);
+    the first has no context, so it is None."""
+    from llmgen.scoring import score
+
+    return score(ckpt.model, ids, None).logprobs
+
+
+def forced_records(ckpt, ids: list[int], token_ids: list[int], top: int) -> dict:
+    """A searched answer's ``entropy`` per step, and its ``top_logprobs`` when ``top``."""
+    from llmgen import render
+    from llmgen.decoding.forced import forced_steps
+
+    entropy, tops = forced_steps(ckpt.model, ids, token_ids, top)
+    return {"entropy": entropy, **({"top_logprobs": render.top_logprobs_record(tops, ckpt.token_text, top)} if top else {})}
+
+
 def model_label(model: str | None) -> str:
     """How a record names its model, so the run can be repeated with ``--model`` that:
     the flag as given, else ``$LLMGEN_MODEL``, else ``embedded``."""

@@ -49,20 +49,51 @@ def is_terminal(stream=None) -> bool:
     return hasattr(stream, "isatty") and stream.isatty()
 
 
+# --color-by: the colour of a token by its probability, or by the entropy it was chosen
+# from, in five steps from sure (green) to unsure (red).
+COLOR_STEPS = ("green", "chartreuse3", "yellow", "dark_orange", "red")
+PROB_EDGES = (0.8, 0.5, 0.2, 0.05)  # p at or above each edge takes that step's colour
+ENTROPY_EDGES = (0.5, 1.5, 3.0, 5.0)  # nats below each edge take that step's colour
+
+
+def token_color(by: str, logprob: float, entropy: float) -> str:
+    if by == "prob":
+        p = math.exp(logprob)
+        return next((c for c, edge in zip(COLOR_STEPS, PROB_EDGES) if p >= edge), COLOR_STEPS[-1])
+    return next((c for c, edge in zip(COLOR_STEPS, ENTROPY_EDGES) if entropy < edge), COLOR_STEPS[-1])
+
+
+def color_legend(by: str) -> Text:
+    """The key to --color-by, for stderr."""
+    if by == "prob":
+        labels = [f"p ≥ {e:g}" for e in PROB_EDGES] + [f"p < {PROB_EDGES[-1]:g}"]
+        text = Text("colour = the token's probability: ", style="dim")
+    else:
+        labels = [f"H < {e:g}" for e in ENTROPY_EDGES] + [f"H ≥ {ENTROPY_EDGES[-1]:g}"]
+        text = Text("colour = entropy before the token, in nats: ", style="dim")
+    for color, label in zip(COLOR_STEPS, labels):
+        text.append("■ ", style=color)
+        text.append(label + "  ", style="dim")
+    return text
+
+
 class TextStream:
     """Writes a continuation as it is generated, on a terminal or into a pipe: plain
-    writes, flushed as each token makes text safe to show (called as ``OnToken``)."""
+    writes, flushed as each token makes text safe to show (called as ``OnToken``).
+    With ``color_by`` (``prob`` or ``entropy``) each piece takes its token's colour; the
+    console drops colour by itself when it is not a terminal."""
 
-    def __init__(self, console: Console) -> None:
-        self.console = console
+    def __init__(self, console: Console, color_by: str | None = None) -> None:
+        self.console, self.color_by = console, color_by
 
     def prompt(self, text: str) -> None:
         if text:
             self.console.print(Text(text, style="bold"), end="")
 
-    def __call__(self, _row: int, _token: int, _logprob: float, delta: str) -> None:
+    def __call__(self, _row: int, _token: int, logprob: float, entropy: float, delta: str) -> None:
         if delta:
-            self.console.print(Text(delta), end="")
+            style = token_color(self.color_by, logprob, entropy) if self.color_by else ""
+            self.console.print(Text(delta, style=style), end="")
             try:
                 self.console.file.flush()
             except BrokenPipeError:  # the reader left (| head): end quietly, not as click's exit 1
@@ -111,6 +142,13 @@ def steps_record(sample, token_text) -> list[dict]:
          "alternatives": [{"token_id": c.token_id, "token": token_text(c.token_id), "logprob": c.logprob} for c in st.alternatives]}
         for st in sample.steps
     ]
+
+
+def top_logprobs_record(steps, token_text, n: int) -> list[list[dict]]:
+    """``--logprobs N`` in a record, as OpenAI and vLLM name it: per generated token, the
+    N most probable tokens under the model's unmodified distribution, best first."""
+    return [[{"token_id": c.token_id, "token": token_text(c.token_id), "logprob": c.logprob} for c in cands[:n]]
+            for cands in steps]
 
 
 def prefix_tree_record(node, token_text) -> dict:
@@ -427,28 +465,32 @@ def _stage_note(changed: list[str], removed: str | None) -> str:
 
 def step_table(sample, token_text, width: int | None = None) -> Table:
     """What ``run --show-probs`` and chat's ``/probs`` show: each chosen token, its
-    probability, and the best alternatives, one column each: as many (up to 5) as fit in
+    probability, the entropy it was chosen from, and the best alternatives, one column each: as many (up to 5) as fit in
     ``width``, so no token or number is ever cut or split."""
     rows = []
-    for i, step in enumerate(sample.steps, 1):
+    entropy = sample.entropies or [math.nan] * len(sample.steps)
+    for i, (step, h) in enumerate(zip(sample.steps, entropy), 1):
         alts = [a for a in step.alternatives if a.token_id != step.token_id][:5]
         rows.append([str(i), token_label(token_text(step.token_id)), prob_text(math.exp(step.logprob)),
+                     "—" if math.isnan(h) else f"{h:.2f}",
                      *[f"{token_label(token_text(a.token_id))} {prob_text(math.exp(a.logprob))}" for a in alts]])
     headers = ["next best", "#3", "#4", "#5", "#6"]
 
     def layout(shown: int) -> Table:
-        table = Table(title="step by step", title_justify="left")
+        table = Table(title="step by step", title_justify="left", caption="H: entropy of the step's distribution, in nats",
+                      caption_justify="left")
         table.add_column("#", justify="right", style="dim", no_wrap=True)
         table.add_column("chosen", no_wrap=True)
         table.add_column("p", justify="right", no_wrap=True)
+        table.add_column("H", justify="right", no_wrap=True, style="dim")
         for header in headers[:shown]:
             table.add_column(header, no_wrap=True, style="dim")
         for r in rows:
-            cells = r[3 : 3 + shown]
-            table.add_row(*r[:3], *cells, *[""] * (shown - len(cells)))
+            cells = r[4 : 4 + shown]
+            table.add_row(*r[:4], *cells, *[""] * (shown - len(cells)))
         return table
 
-    return widest_that_fits(width, [lambda k=k: layout(k) for k in range(5, 0, -1)])
+    return widest_that_fits(width, [lambda k=k: layout(k) for k in range(5, -1, -1)])
 
 
 def chat_banner(model: str, templated: bool, seed: int) -> Text:

@@ -65,11 +65,13 @@ def read_output(path) -> dict[int, dict]:
 
 
 def assert_same_records(got: dict[int, dict], expected: dict[int, dict]) -> None:
-    """Exact on everything but logprobs, which differ by float noise with batch composition."""
+    """Exact on everything but logprobs and entropy, which differ by float noise with batch composition."""
     assert sorted(got) == sorted(expected)
+    close = ("logprobs", "entropy")
     for i in expected:
-        assert {k: v for k, v in got[i].items() if k != "logprobs"} == {k: v for k, v in expected[i].items() if k != "logprobs"}
-        assert got[i]["logprobs"] == pytest.approx(expected[i]["logprobs"], abs=1e-4)
+        assert {k: v for k, v in got[i].items() if k not in close} == {k: v for k, v in expected[i].items() if k not in close}
+        for key in close:
+            assert got[i][key] == pytest.approx(expected[i][key], abs=1e-4)
 
 
 def test_batch_records_match_run_json(tmp_path, gpt2_dir, ckpt, capsys):
@@ -85,8 +87,9 @@ def test_batch_records_match_run_json(tmp_path, gpt2_dir, ckpt, capsys):
         main(["run", t, "--model", str(gpt2_dir[0]), "-n", "6", "--seed", str(50 + i), "--json", "--ignore-eos"])
         single = json.loads(capsys.readouterr().out)
         assert got[i]["id"] == f"r{i}"
-        same = [k for k in single if k not in ("logprobs", "timings")]  # timings: run alone reports them
+        same = [k for k in single if k not in ("logprobs", "entropy", "timings")]  # timings: run alone reports them
         assert {k: got[i][k] for k in same} == {k: single[k] for k in same}
+        assert got[i]["entropy"] == pytest.approx(single["entropy"], abs=1e-4)
 
 
 def test_kill_9_then_rerun_gives_every_record_exactly_once(tmp_path, gpt2_dir, ckpt):

@@ -23,7 +23,8 @@ from llmgen.text import ContinuationText
 
 # Called for every chosen token with (row, token id, its logprob, the text that became
 # safe to show with it, often ""), for streaming.
-OnToken = Callable[[int, int, float, str], None]
+# (row, token, its logprob, the entropy it was chosen from, the text it made safe to show)
+OnToken = Callable[[int, int, float, float, str], None]
 
 
 def check_prompt_fits(n_prompt: int, context: int) -> None:
@@ -111,15 +112,17 @@ def generate_batch(
         sampler.accept(tokens)
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = logprobs.gather(-1, next_ids[:, None])[:, 0].tolist()
+        entropy = entropies(logprobs).tolist()
         top = logprobs.topk(min(trace_top, logprobs.shape[-1])) if trace_top else None
         keep = []
         for slot, (row, token) in enumerate(zip(live, tokens)):
             at_limit = last[row][1] if step + 1 == last[row][0] else None
+            samples[row].entropies.append(entropy[slot])
             delta = _record_token(samples[row], texts[row], token, chosen[slot], _alternatives(top, slot), stop_ids, at_limit)
             if samples[row].finish_reason is None:
                 keep.append(slot)
             if on_token is not None:
-                on_token(row, token, chosen[slot], delta)
+                on_token(row, token, chosen[slot], entropy[slot], delta)
         step += 1
         if not keep:
             break
@@ -135,6 +138,12 @@ def generate_batch(
         sample.text = text.text
     clock.done(samples)
     return samples
+
+
+def entropies(logprobs: torch.Tensor) -> torch.Tensor:
+    """Each row's entropy in nats, ``(rows,)``, from its log-probabilities: how unsure the
+    model was before choosing (0 when one token has it all; ln |V| when all are equal)."""
+    return torch.special.entr(logprobs.exp()).sum(-1)
 
 
 def _last_steps(rows: list[Row], context: int) -> list[tuple[int, str]]:

@@ -36,6 +36,7 @@ class Sample:
     finish_reason: str | None = None
     seed: int | None = None
     steps: list[Step] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)  # nats, of the model's distribution at each step
 
     @property
     def logprob(self) -> float:

@@ -1,0 +1,31 @@
+"""What the model thought at each step of a continuation it was handed rather than one
+it sampled: beam's and exact search's answers come out of a search, not out of a
+decode loop that records alternatives, so their per-step entropy and best alternatives
+are read back with one teacher-forced pass over prompt + continuation."""
+
+from __future__ import annotations
+
+import torch
+
+from llmgen.decoding.greedy_sample import entropies
+from llmgen.decoding.trace import Candidate
+
+
+@torch.inference_mode()
+def forced_steps(model: torch.nn.Module, prompt_ids: list[int], token_ids: list[int], top: int = 0
+                 ) -> tuple[list[float], list[tuple[Candidate, ...]]]:
+    """For each token of ``token_ids``: the entropy (nats) of the model's distribution it
+    was chosen from, and that distribution's ``top`` most probable tokens."""
+    if not token_ids:
+        return [], []
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + token_ids], device=device)
+    # position p predicts token p + 1: the continuation's tokens are predicted from the
+    # last prompt position up to the one before the last token
+    logits = model(ids)[0, len(prompt_ids) - 1 : -1].float()  # (len(token_ids), vocab)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    tops: list[tuple[Candidate, ...]] = [()] * len(token_ids)
+    if top:
+        best = logprobs.topk(min(top, logprobs.shape[-1]))
+        tops = [tuple(Candidate(t, lp) for t, lp in zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+    return entropies(logprobs).tolist(), tops
