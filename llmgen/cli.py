@@ -1105,6 +1105,47 @@ def _option_metavar(param) -> str:
     desc = param.type_descriptor
     if desc.is_choice:
         return "[" + "|".join(str(getattr(c, "value", c)) for c in desc.choices) + "]"
+@app.command()
+def lens(
+    prompt: PromptArg = None,
+    prompt_file: PromptFileOpt = None,
+    model: ModelOpt = None,
+    position: Annotated[int, typer.Option("--position", help="Which prompt token to read at, counted from 1; negative counts from the end.")] = -1,
+    top: Annotated[int, typer.Option("--top", help="Best tokens shown per layer.")] = 5,
+    errors: ErrorsOpt = Errors.strict,
+    chat: ChatOpt = False,
+    system: SystemOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    as_json: JsonOpt = False,
+) -> None:
+    """The logit lens: each layer's residual stream, put through the final norm and the LM head, read as a next-token distribution.
+
+    Layer 0 is the embeddings; the last layer's row is the model's own next-token distribution. Shows where in the network the answer forms.
+    """
+    from llmgen import orchestrate as orch
+
+    if top < 1:
+        raise UsageError(f"--top must be >= 1, got {top}")
+    if position == 0:
+        raise UsageError("--position counts from 1 (or from -1 at the end); 0 names no token")
+    system = orch.check_chat(chat, system, chat_template, errors.value)
+    text = orch.read_prompt(prompt, errors.value, prompt_file)
+    from llmgen import render
+    from llmgen.lens import logit_lens
+
+    ckpt = orch.load(model, device, dtype.value, rows=1, threads=threads)
+    ids = orch.prompt_ids(ckpt, text, "none", 1, chat, system, chat_template)
+    result = logit_lens(ckpt.model, ids, position - 1 if position > 0 else position, top)
+    if as_json:
+        _write_json({"prompt": text, "prompt_token_ids": ids, "model": orch.model_label(model), **render.lens_record(result, ckpt.token_text)})
+        return
+    out = render.stdout_console()
+    out.print(render.lens_table(result, ckpt.token_text, [ckpt.token_text(t) for t in ids], out.width), soft_wrap=False)
+
+
     annotation = desc.annotation
     while getattr(annotation, "__args__", None):  # Optional[list[str]] -> str
         annotation = next(a for a in annotation.__args__ if a is not type(None))

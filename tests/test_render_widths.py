@@ -145,3 +145,16 @@ def test_a_long_prompt_is_shown_by_its_end():
     long = "word " * 100_000 + "the end"
     assert render.prompt_label(long) == "…" + render.token_label(long[-60:])
     assert render.prompt_label("I like") == render.token_label("I like")
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_lens_table(embedded, width):
+    from llmgen.lens import logit_lens
+
+    ids = embedded.encode("The capital of France is")
+    lens = logit_lens(embedded.model, ids, top=5)
+    text = _draw(render.lens_table(lens, embedded.token_text, [embedded.token_text(t) for t in ids], width), width)
+    _fits(text, width)
+    for row in lens.rows:
+        assert render.token_label(embedded.token_text(row.top[0].token_id)) in text
+        assert f"{row.entropy:.2f}" in text

@@ -2,7 +2,10 @@
 
 Every model is an ``nn.Module`` with the same interface, which is all the decoders use:
 
-- ``forward(input_ids [B, T], positions [B, T] | None, cache | None, attention_mask [B, T] | None) -> logits [B, T, V]``
+- ``forward(input_ids [B, T], positions [B, T] | None, cache | None, attention_mask [B, T] | None,
+  residuals: list | None) -> logits [B, T, V]``; ``residuals`` collects the residual stream
+  after the embeddings and after each block
+- ``head(x [B, T, C]) -> logits [B, T, V]``: the final norm and the LM head
 - ``new_cache(batch, max_len) -> KVCache``
 - ``cfg.vocab_size``, ``cfg.context_length`` and ``cfg.n_layer``
 - ``rename_checkpoint(tensors, cfg)``: ``{parameter name: (checkpoint name, tensor)}``

@@ -317,7 +317,10 @@ class Decoder(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        residuals: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """As GPT-2's: ``residuals``, when given, receives the residual stream after the
+        embeddings and after each block."""
         T = input_ids.shape[1]
         positions, mask = positions_and_mask(input_ids, positions, cache, attention_mask)
         x = self.embed_tokens(input_ids)
@@ -333,13 +336,20 @@ class Decoder(nn.Module):
         if self.cfg.sliding_window and self._sliding:  # one narrowed mask for every sliding layer
             windowed = sliding_mask(mask, start, T, start + T, self.cfg.sliding_window, x.device)
         for i, block in enumerate(self.layers):
+            if residuals is not None:
+                residuals.append(x)
             sliding = i in self._sliding
             x = block(x, *(local if sliding else rope), cache, windowed if sliding else mask)
+        if residuals is not None:
+            residuals.append(x)
         if cache is not None:
             cache.advance(T)
-        x = self.norm(x)
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm, the LM head and any logit soft-cap: residual stream -> logits."""
         head = self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        logits = linear(x, head)
+        logits = linear(self.norm(x), head)
         if self.cfg.final_softcap:
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits

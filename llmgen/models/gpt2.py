@@ -143,18 +143,28 @@ class GPT2(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        residuals: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``attention_mask`` ([B, T], 1 = token, 0 = padding) applies without a cache, as in training."""
+        """``attention_mask`` ([B, T], 1 = token, 0 = padding) applies without a cache, as in
+        training. ``residuals``, when given, receives the residual stream after the
+        embeddings and after each block (the logit lens reads it)."""
         T = input_ids.shape[1]
         positions, mask = positions_and_mask(input_ids, positions, cache, attention_mask)
         x = self.wte(input_ids) + self.wpe(positions)
         for block in self.h:
+            if residuals is not None:
+                residuals.append(x)
             x = block(x, cache, mask)
+        if residuals is not None:
+            residuals.append(x)
         if cache is not None:
             cache.advance(T)
-        x = self.ln_f(x)
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm and the LM head: residual stream [B, T, C] -> logits [B, T, V]."""
         head = self.wte.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return linear(x, head)
+        return linear(self.ln_f(x), head)
 
     @staticmethod
     def rename_checkpoint(tensors: dict[str, torch.Tensor], cfg: GPT2Config) -> dict[str, tuple[str, torch.Tensor]]:
