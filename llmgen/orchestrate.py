@@ -228,13 +228,14 @@ def compare(ckpt, ids: list[int], settings: dict[str, Any], seed: int | None, wi
         sampled = replace(sampled, sampling=replace(sampled.sampling, temperature=1.0, top_k=0), seed=sampled.seed or 0)
     greedy = replace(sampled, sampling=config.SamplingConfig(temperature=0), seed=None)
     g = generate(ckpt.model, ids, greedy, ckpt.decode)[0]
-    b = beam_search(ckpt.model, ids, BeamConfig(width=width, max_new_tokens=n, length_penalty=0.0, eos_token_ids=eos)).hypotheses[0]
+    searched = beam_search(ckpt.model, ids, BeamConfig(width=width, max_new_tokens=n, length_penalty=0.0, eos_token_ids=eos))
+    b = searched.hypotheses[0]
     e = exact_search(ckpt.model, ids, ExactConfig(max_new_tokens=n, max_expansions=max_expansions, eos_token_ids=eos), ckpt.decode)
     s = generate(ckpt.model, ids, sampled, ckpt.decode)[0]
     note = f"optimal, {e.expanded:,} expansions" if e.proven else f"not proven within {max_expansions:,} expansions"
     rows = [
         {"strategy": "greedy", "token_ids": g.token_ids, "logprob": g.logprob},
-        {"strategy": f"beam (width {width})", "token_ids": b.token_ids, "logprob": b.logprob},
+        {"strategy": f"beam (width {width})", "token_ids": b.token_ids, "logprob": b.logprob, **beam_versus_exact(searched.tree, b, e)},
         {"strategy": "exact", "token_ids": e.token_ids, "logprob": e.logprob, "note": note},
         {"strategy": sample_label(sampled.sampling), "token_ids": s.token_ids, "logprob": s.logprob,
          "note": f"seed {s.seed}" + ("; -t 0 is the greedy row, so T=1 here" if asked_greedy else "")},
@@ -242,6 +243,28 @@ def compare(ckpt, ids: list[int], settings: dict[str, Any], seed: int | None, wi
     for r in rows:
         r["text"] = ckpt.decode(r["token_ids"])
     return rows
+
+
+def beam_versus_exact(tree, beam, exact) -> dict:
+    """Search error made visible: the step at which the exact sequence fell out of the
+    beam (``lost_optimum_at_step``, None when beam found it or one as probable) and
+    ``gap``, beam's log-probability minus exact's (0 when found, below 0 when lost). When
+    exact is not proven (its budget ran out), the comparison is against its best found,
+    which a beam can even beat. A beam that found the optimum and still reads badly is
+    the model's error, not the search's."""
+    same = beam.token_ids == exact.token_ids  # two searches sum one sequence in different orders
+    gap = 0.0 if same else beam.logprob - exact.logprob
+    found = same or gap >= -1e-6  # a tie is an optimum too
+    lost = None if found else tree.dropped_at(exact.token_ids)
+    target = "the optimum" if exact.proven else "exact's best found"
+    if found and gap > 1e-6:
+        note = f"beat exact's best found by {gap:.3f} logprob (exact not proven)"
+    elif found:
+        note = f"found {target}" + ("" if exact.proven else " (not proven optimal)")
+    else:
+        where = f"at step {lost} " if lost is not None else ""
+        note = f"lost {target} {where}({gap:.3f} logprob)"
+    return {"lost_optimum_at_step": lost, "gap": gap, "optimum_proven": exact.proven, "note": note}
 
 
 def sample_label(s: config.SamplingConfig) -> str:

@@ -10,15 +10,22 @@ front; any child less probable than the best complete sequence known is never qu
 (branch and bound). And the frontier's best nodes are expanded together, several
 sequences per model call.
 
-``max_expansions`` bounds the work; past it the best complete sequence found is
-returned with ``proven=False``.
+The same search gives the K most probable sequences (``top``): it keeps the K best
+complete sequences found, bounds by the K-th of them, and goes on until no open partial
+sequence could still beat it. A sequence is proven when every open partial sequence is
+already less probable than it, so ranks are proven best first. For K > 1 a beam search of
+width K joins greedy in finding K complete sequences up front, or nothing could be
+pruned until K had turned up.
+
+``max_expansions`` bounds the work; past it the best complete sequences found are
+returned, each saying whether it is proven.
 """
 
 from __future__ import annotations
 
-import math
-
+import bisect
 import heapq
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +35,8 @@ from llmgen.config import GenerationConfig, SamplingConfig, require
 from llmgen.decoding.greedy_sample import check_prompt_fits, generate
 from llmgen.decoding.trace import SearchTree
 
+MAX_TOP = 1000  # K seeds a beam of width K: past this its bookkeeping, not the model, is the cost
+
 
 @dataclass(frozen=True)
 class ExactConfig:
@@ -35,26 +44,64 @@ class ExactConfig:
     eos_token_ids: tuple[int, ...] = ()
     max_expansions: int = 2000
     batch: int = 16  # frontier nodes expanded per model call
+    top: int = 1  # K: the K most probable complete sequences
 
     def __post_init__(self) -> None:
         require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         require(self.max_expansions >= 1, f"--max-expansions must be >= 1, got {self.max_expansions}")
         require(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
+        require(1 <= self.top <= MAX_TOP, f"--top must be between 1 and {MAX_TOP}, got {self.top}")
 
 
 @dataclass
-class ExactResult:
+class Ranked:
+    """One of the K most probable complete sequences. ``proven``: every partial sequence
+    still open is less probable than it (or none is left), so nothing unseen can rank above it."""
+
     token_ids: list[int]
     logprobs: list[float]
-    expanded: int  # partial sequences whose next-token distribution was computed
-    proven: bool
-    brute_force_log10: float  # log10 of the sequences brute force would score: sum of |V|^n, n <= N
     finish_reason: str
-    tree: SearchTree = field(default_factory=SearchTree)
+    proven: bool
 
     @property
     def logprob(self) -> float:
         return sum(self.logprobs)
+
+
+@dataclass
+class ExactResult:
+    """The K most probable complete sequences, best first (fewer when fewer exist, or the
+    budget ran out before K were found); the fields of one sequence are the first's."""
+
+    hypotheses: list[Ranked]
+    expanded: int  # partial sequences whose next-token distribution was computed
+    brute_force_log10: float  # log10 of the sequences brute force would score: sum of |V|^n, n <= N
+    tree: SearchTree = field(default_factory=SearchTree)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.hypotheses[0].token_ids
+
+    @property
+    def logprobs(self) -> list[float]:
+        return self.hypotheses[0].logprobs
+
+    @property
+    def logprob(self) -> float:
+        return self.hypotheses[0].logprob
+
+    @property
+    def finish_reason(self) -> str:
+        return self.hypotheses[0].finish_reason
+
+    @property
+    def proven(self) -> bool:
+        return self.hypotheses[0].proven
+
+    @property
+    def mass(self) -> float:
+        """The probability the sequences cover together: all of it once every complete sequence is listed."""
+        return sum(math.exp(h.logprob) for h in self.hypotheses)
 
 
 def brute_force_log10(vocab: int, n: int) -> float:
@@ -66,6 +113,25 @@ def brute_force_log10(vocab: int, n: int) -> float:
     return math.log10(vocab) + n * math.log10(vocab) + math.log1p(-(vocab ** -float(n))) / math.log(10) - math.log10(vocab - 1)
 
 
+class _Best:
+    """The K most probable complete sequences found so far, best first, each sequence once
+    (the seeds' are found again by the search, with its own sums)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.entries: list[tuple[float, list[int], list[float], int | None]] = []  # (total, ids, logprobs, tree node)
+
+    def bound(self) -> float:
+        """What a sequence must beat to enter: the K-th total once K are known."""
+        return self.entries[-1][0] if len(self.entries) == self.k else -math.inf
+
+    def offer(self, total: float, ids: list[int], lps: list[float], node: int | None) -> None:
+        self.entries = [e for e in self.entries if e[1] != ids]
+        totals = [-e[0] for e in self.entries]
+        self.entries.insert(bisect.bisect_right(totals, -total), (total, ids, lps, node))
+        del self.entries[self.k :]
+
+
 @torch.inference_mode()
 def exact_search(model: torch.nn.Module, prompt_ids: list[int], cfg: ExactConfig, decode=None) -> ExactResult:
     context = model.cfg.context_length
@@ -75,51 +141,74 @@ def exact_search(model: torch.nn.Module, prompt_ids: list[int], cfg: ExactConfig
     device = next(model.parameters()).device
     tree = SearchTree()
     root = tree.add(None, None, 0.0, 0.0, 0, "root")
-
-    # Incumbent: the greedy continuation, a complete sequence to bound the search from the start.
-    gen = GenerationConfig(max_new_tokens=n, eos_token_ids=cfg.eos_token_ids, sampling=SamplingConfig(temperature=0))
-    greedy = generate(model, prompt_ids, gen, decode or (lambda ids: ""))[0]
-    best_ids, best_lps = greedy.token_ids, greedy.logprobs
-    best_total, best_node = sum(best_lps), None
+    best = _Best(cfg.top)
+    for ids, lps in _seeds(model, prompt_ids, n, cfg, decode):
+        best.offer(sum(lps), ids, lps, None)
 
     # Frontier entries: (-cumulative, tie-break counter, token ids, logprobs, node id)
     frontier: list[tuple[float, int, list[int], list[float], int]] = [(0.0, 0, [], [], root.id)]
     counter, expanded = 1, 0
-    while frontier and -frontier[0][0] > best_total and expanded < cfg.max_expansions:
+    while frontier and -frontier[0][0] > best.bound() and expanded < cfg.max_expansions:
         batch = [heapq.heappop(frontier) for _ in range(min(cfg.batch, len(frontier), cfg.max_expansions - expanded))]
-        batch = [b for b in batch if -b[0] > best_total]
+        batch = [b for b in batch if -b[0] > best.bound()]
         if not batch:
             break
         expanded += len(batch)
         for (neg, _, ids, lps, node_id), row in zip(batch, _next_logprobs(model, prompt_ids, [b[2] for b in batch], device)):
             tree.nodes[node_id].status = "kept"
             cumulative = -neg
-            # Only children that could still beat the incumbent are worth a node or a queue slot.
-            candidates = torch.nonzero(row + cumulative > best_total).flatten().tolist()
+            # Only children that could still enter the best K are worth a node or a queue slot.
+            candidates = torch.nonzero(row + cumulative > best.bound()).flatten().tolist()
             for tok in candidates:
                 lp = row[tok].item()
                 total = cumulative + lp
-                if total <= best_total:
+                if total <= best.bound():
                     continue
                 child = tree.add(node_id, tok, lp, total, len(ids) + 1, "pruned")
                 if tok in eos or len(ids) + 1 == n:
-                    best_ids, best_lps, best_total, best_node = ids + [tok], lps + [lp], total, child.id
+                    best.offer(total, ids + [tok], lps + [lp], child.id)
                 else:
                     heapq.heappush(frontier, (-total, counter, ids + [tok], lps + [lp], child.id))
                     counter += 1
-    proven = not frontier or -frontier[0][0] <= best_total
-    if best_node is None:  # greedy was optimal: find (or add) its path in the tree
-        children = tree.children()
-        parent, total = root.id, 0.0
-        for depth, (tok, lp) in enumerate(zip(best_ids, best_lps), 1):
-            total += lp
-            known = next((n for n in children.get(parent, []) if n.token_id == tok), None)
-            parent = known.id if known else tree.add(parent, tok, lp, total, depth, "kept").id
-        best_node = parent
-    tree.nodes[best_node].status = "finished"
-    tree.best_path = tree.path_to(best_node)
-    finish = "eos" if best_ids and best_ids[-1] in eos else "length"
-    return ExactResult(best_ids, best_lps, expanded, proven, brute_force_log10(model.cfg.vocab_size, n), finish, tree)
+    # Anything never queued was below the K-th total when it was met, and that only rises.
+    open_best = -frontier[0][0] if frontier else -math.inf
+    hypotheses, ends, children = [], [], tree.children()
+    for total, ids, lps, node in best.entries:
+        node = _path_end(tree, children, ids, lps) if node is None else node
+        tree.nodes[node].status = "finished"
+        ends.append(node)
+        hypotheses.append(Ranked(ids, lps, "eos" if ids[-1] in eos else "length", open_best <= total))
+    tree.best_path = tree.path_to(ends[0])
+    return ExactResult(hypotheses, expanded, brute_force_log10(model.cfg.vocab_size, n), tree)
+
+
+def _seeds(model, prompt_ids: list[int], n: int, cfg: ExactConfig, decode) -> list[tuple[list[int], list[float]]]:
+    """Complete sequences to bound the search from the start: the greedy one, and for
+    K > 1 a beam search's K hypotheses (length penalty 0, so ranked by log-probability)."""
+    from llmgen.decoding.beam import BeamConfig, beam_search
+
+    gen = GenerationConfig(max_new_tokens=n, eos_token_ids=cfg.eos_token_ids, sampling=SamplingConfig(temperature=0))
+    greedy = generate(model, prompt_ids, gen, decode or (lambda ids: ""))[0]
+    seeds = [(greedy.token_ids, greedy.logprobs)]
+    if cfg.top > 1:
+        beam = BeamConfig(width=cfg.top, max_new_tokens=n, length_penalty=0.0, num_return=cfg.top,
+                          eos_token_ids=cfg.eos_token_ids, tree_top=0)
+        seeds += [(h.token_ids, h.logprobs) for h in beam_search(model, prompt_ids, beam).hypotheses]
+    return seeds
+
+
+def _path_end(tree: SearchTree, children: dict, ids: list[int], lps: list[float]) -> int:
+    """The tree node that ends ``ids``, its path added where the search never built it
+    (a seed it did not need to find again); ``children`` is kept up to date."""
+    parent, total = tree.nodes[0].id, 0.0
+    for depth, (tok, lp) in enumerate(zip(ids, lps), 1):
+        total += lp
+        known = next((c for c in children.get(parent, []) if c.token_id == tok), None)
+        if known is None:
+            known = tree.add(parent, tok, lp, total, depth, "kept")
+            children.setdefault(parent, []).append(known)
+        parent = known.id
+    return parent
 
 
 def _next_logprobs(model, prompt_ids, continuations, device) -> torch.Tensor:

@@ -114,6 +114,20 @@ class SearchTree:
             current = self.nodes[current].parent
         return path[::-1]
 
+    def dropped_at(self, token_ids: list[int]) -> int | None:
+        """The first step t at which ``token_ids[:t]`` was not among the search's survivors
+        (kept, or finished), or None when every prefix survived. On a beam search's tree
+        this is where a sequence fell out of the beam: the step a search error happened,
+        if the sequence is the optimum."""
+        children = self.children()
+        current = next(n.id for n in self.nodes if n.parent is None)
+        for step, tok in enumerate(token_ids, 1):
+            kept = next((c for c in children.get(current, []) if c.token_id == tok and c.status in ("kept", "finished")), None)
+            if kept is None:
+                return step
+            current = kept.id
+        return None
+
 
 @dataclass
 class PrefixNode:
