@@ -493,6 +493,43 @@ def step_table(sample, token_text, width: int | None = None) -> Table:
     return widest_that_fits(width, [lambda k=k: layout(k) for k in range(5, -1, -1)])
 
 
+def lens_table(lens, token_text, prompt_tokens: list[str], width: int | None = None) -> Table:
+    """``llmgen lens``: a row per layer (0: the embeddings), its best next tokens coloured
+    by probability, its entropy, and what it gives the model's final answer. As many top
+    columns as fit in ``width``."""
+    answer = token_label(token_text(lens.rows[-1].top[0].token_id))
+    read = token_label(prompt_tokens[lens.position])
+    last = len(lens.rows) - 1
+
+    def cell(c) -> Text:
+        p = math.exp(c.logprob)
+        return Text(f"{token_label(token_text(c.token_id))} {prob_text(p)}", style=token_color("prob", c.logprob, 0))
+
+    def layout(shown: int) -> Table:
+        table = Table(title=f"logit lens at token {lens.position + 1} {read}: each layer's next-token guess",
+                      title_justify="left", caption=f"layer 0: the embeddings; layer {last}: the model's output · "
+                      f"p(answer): the probability each layer gives {answer} · H: entropy in nats", caption_justify="left")
+        table.add_column("layer", justify="right", no_wrap=True)
+        for k in range(shown):
+            table.add_column("top" if k == 0 else f"#{k + 1}", no_wrap=True)
+        table.add_column("H", justify="right", no_wrap=True, style="dim")
+        table.add_column("p(answer)", justify="right", no_wrap=True)
+        for row in lens.rows:
+            cells = [cell(c) for c in row.top[:shown]]
+            table.add_row(str(row.layer), *cells, *[""] * (shown - len(cells)), f"{row.entropy:.2f}",
+                          prob_text(math.exp(row.final_top_logprob)), style="bold" if row.layer == last else "")
+        return table
+
+    return widest_that_fits(width, [lambda k=k: layout(k) for k in range(len(lens.rows[0].top), 0, -1)])
+
+
+def lens_record(lens, token_text) -> dict:
+    return {"position": lens.position, "layers": [
+        {"layer": r.layer, "entropy": r.entropy, "answer_logprob": r.final_top_logprob,
+         "top": [{"token_id": c.token_id, "token": token_text(c.token_id), "logprob": c.logprob} for c in r.top]}
+        for r in lens.rows]}
+
+
 def chat_banner(model: str, templated: bool, seed: int) -> Text:
     kind = "its chat template" if templated else "no chat template: a plain continuation session"
     return Text(f"chatting with {model} ({kind}) · seed {seed} · /help for commands · Ctrl-D to leave", style="dim")
@@ -588,43 +625,6 @@ def compare_table(rows: list[dict], width: int | None = None) -> Table:
             # the same tokens are the same sequence, though two searches sum its logprob in a different order
             best = top is not None and (r["token_ids"] == top["token_ids"] or math.isclose(r["logprob"], top["logprob"], abs_tol=1e-6))
             strategy = Text(r["strategy"])
-def lens_table(lens, token_text, prompt_tokens: list[str], width: int | None = None) -> Table:
-    """``llmgen lens``: a row per layer (0: the embeddings), its best next tokens coloured
-    by probability, its entropy, and what it gives the model's final answer. As many top
-    columns as fit in ``width``."""
-    answer = token_label(token_text(lens.rows[-1].top[0].token_id))
-    read = token_label(prompt_tokens[lens.position])
-    last = len(lens.rows) - 1
-
-    def cell(c) -> Text:
-        p = math.exp(c.logprob)
-        return Text(f"{token_label(token_text(c.token_id))} {prob_text(p)}", style=token_color("prob", c.logprob, 0))
-
-    def layout(shown: int) -> Table:
-        table = Table(title=f"logit lens at token {lens.position + 1} {read}: each layer's next-token guess",
-                      title_justify="left", caption=f"layer 0: the embeddings; layer {last}: the model's output · "
-                      f"p(answer): the probability each layer gives {answer} · H: entropy in nats", caption_justify="left")
-        table.add_column("layer", justify="right", no_wrap=True)
-        for k in range(shown):
-            table.add_column("top" if k == 0 else f"#{k + 1}", no_wrap=True)
-        table.add_column("H", justify="right", no_wrap=True, style="dim")
-        table.add_column("p(answer)", justify="right", no_wrap=True)
-        for row in lens.rows:
-            cells = [cell(c) for c in row.top[:shown]]
-            table.add_row(str(row.layer), *cells, *[""] * (shown - len(cells)), f"{row.entropy:.2f}",
-                          prob_text(math.exp(row.final_top_logprob)), style="bold" if row.layer == last else "")
-        return table
-
-    return widest_that_fits(width, [lambda k=k: layout(k) for k in range(len(lens.rows[0].top), 0, -1)])
-
-
-def lens_record(lens, token_text) -> dict:
-    return {"position": lens.position, "layers": [
-        {"layer": r.layer, "entropy": r.entropy, "answer_logprob": r.final_top_logprob,
-         "top": [{"token_id": c.token_id, "token": token_text(c.token_id), "logprob": c.logprob} for c in r.top]}
-        for r in lens.rows]}
-
-
             if not note_column and r.get("note"):
                 strategy.append(f" {r['note']}", style="dim")
             table.add_row(strategy, token_label(r["text"]), str(len(r["token_ids"])), f"{r['logprob']:.3f}",
