@@ -6,7 +6,7 @@ _llmgen() {
     cmd=""
     for ((i = 1; i < COMP_CWORD; i++)); do
         case "${COMP_WORDS[i]}" in
-            run|beam|exact|probs|compare|score|chat|info|batch|convert|pull|rm|list|train) cmd="${COMP_WORDS[i]}"; break ;;
+            run|beam|exact|probs|compare|score|chat|info|batch|convert|pull|rm|list|train|lens) cmd="${COMP_WORDS[i]}"; break ;;
         esac
     done
     case "$prev" in
@@ -15,6 +15,8 @@ _llmgen() {
         --seed|-s) return ;;
         --num-samples) return ;;
         --stop) return ;;
+        --logprobs) return ;;
+        --color-by) COMPREPLY=($(compgen -W "prob entropy" -- "$cur")); return ;;
         --separator) return ;;
         --truncate) COMPREPLY=($(compgen -W "none left" -- "$cur")); return ;;
         --errors) COMPREPLY=($(compgen -W "strict replace" -- "$cur")); return ;;
@@ -59,8 +61,8 @@ _llmgen() {
         --tree-top) return ;;
         --tree-depth) return ;;
         --max-expansions) return ;;
-        --steps) return ;;
         --top) return ;;
+        --steps) return ;;
         --reply-to) return ;;
         --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --batch-size|-b) return ;;
@@ -75,23 +77,25 @@ _llmgen() {
         --heads) return ;;
         --init) COMPREPLY=($(compgen -d -- "$cur")); return ;;
         --pairs) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --position) return ;;
     esac
     case "$cmd" in
-        "") COMPREPLY=($(compgen -W "run beam exact probs compare score chat info batch convert pull rm list train --debug --version --help" -- "$cur")) ;;
-        run) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --seed -s --num-samples --stop --ignore-eos --echo --show-probs --show-tree --show-prompt --stream --separator --truncate --errors --chat --system --chat-template --threads --device --dtype --json --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --typical-p --epsilon-cutoff --eta-cutoff --top-n-sigma --xtc-probability --xtc-threshold --dynatemp-range --dynatemp-exponent --repetition-penalty --presence-penalty --frequency-penalty --repeat-last-n --dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --no-repeat-ngram-size --min-new-tokens --bad-words --logit-bias --mirostat --mirostat-tau --mirostat-eta --samplers --help -h" -- "$cur")) ;;
-        beam) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --width -w --max-new-tokens -n --length-penalty --num-return --no-repeat-ngram-size --early-stopping --show-tree --tree-top --tree-depth --echo --truncate --errors --chat --system --chat-template --threads --device --dtype --json --help -h" -- "$cur")) ;;
-        exact) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --max-new-tokens -n --max-expansions --show-tree --tree-top --tree-depth --echo --truncate --errors --chat --system --chat-template --threads --device --dtype --json --help -h" -- "$cur")) ;;
+        "") COMPREPLY=($(compgen -W "run beam exact probs compare score chat info batch convert pull rm list train lens --debug --version --help" -- "$cur")) ;;
+        run) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --seed -s --num-samples --stop --ignore-eos --echo --show-probs --logprobs --prompt-logprobs --color-by --show-tree --show-prompt --stream --separator --truncate --errors --chat --system --chat-template --threads --device --dtype --json --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --typical-p --epsilon-cutoff --eta-cutoff --top-n-sigma --xtc-probability --xtc-threshold --dynatemp-range --dynatemp-exponent --repetition-penalty --presence-penalty --frequency-penalty --repeat-last-n --dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --no-repeat-ngram-size --min-new-tokens --bad-words --logit-bias --mirostat --mirostat-tau --mirostat-eta --samplers --help -h" -- "$cur")) ;;
+        beam) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --width -w --logprobs --max-new-tokens -n --length-penalty --num-return --no-repeat-ngram-size --early-stopping --show-tree --tree-top --tree-depth --echo --truncate --errors --chat --system --chat-template --threads --device --dtype --json --help -h" -- "$cur")) ;;
+        exact) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --max-new-tokens -n --max-expansions --top --show-tree --tree-top --tree-depth --echo --truncate --errors --chat --system --chat-template --threads --device --dtype --json --help -h" -- "$cur")) ;;
         probs) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --steps --top --seed -s --truncate --errors --chat --system --chat-template --threads --device --dtype --json --temperature -t --top-k -k --top-p -p --min-p --typical-p --epsilon-cutoff --eta-cutoff --top-n-sigma --xtc-probability --xtc-threshold --dynatemp-range --dynatemp-exponent --repetition-penalty --presence-penalty --frequency-penalty --repeat-last-n --dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --no-repeat-ngram-size --min-new-tokens --bad-words --logit-bias --mirostat --mirostat-tau --mirostat-eta --samplers --help -h" -- "$cur")) ;;
         compare) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --max-new-tokens -n --width -w --seed -s --max-expansions --truncate --errors --chat --system --chat-template --threads --device --dtype --json --temperature -t --top-k -k --top-p -p --min-p --typical-p --epsilon-cutoff --eta-cutoff --top-n-sigma --xtc-probability --xtc-threshold --dynatemp-range --dynatemp-exponent --repetition-penalty --presence-penalty --frequency-penalty --repeat-last-n --dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --no-repeat-ngram-size --min-new-tokens --bad-words --logit-bias --mirostat --mirostat-tau --mirostat-eta --samplers --help -h" -- "$cur")) ;;
         score) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --errors --chat --reply-to --system --chat-template --threads --device --dtype --json --help -h" -- "$cur")) ;;
-        chat) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --system --chat-template --seed -s --threads --device --dtype --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --typical-p --epsilon-cutoff --eta-cutoff --top-n-sigma --xtc-probability --xtc-threshold --dynatemp-range --dynatemp-exponent --repetition-penalty --presence-penalty --frequency-penalty --repeat-last-n --dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --no-repeat-ngram-size --min-new-tokens --bad-words --logit-bias --mirostat --mirostat-tau --mirostat-eta --samplers --help -h" -- "$cur")) ;;
+        chat) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --system --chat-template --seed -s --color-by --threads --device --dtype --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --typical-p --epsilon-cutoff --eta-cutoff --top-n-sigma --xtc-probability --xtc-threshold --dynatemp-range --dynatemp-exponent --repetition-penalty --presence-penalty --frequency-penalty --repeat-last-n --dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --no-repeat-ngram-size --min-new-tokens --bad-words --logit-bias --mirostat --mirostat-tau --mirostat-eta --samplers --help -h" -- "$cur")) ;;
         info) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--model -m --device --dtype --json --help -h" -- "$cur")) ;;
-        batch) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--output -o --model -m --batch-size -b --seed -s --stop --ignore-eos --shard --overwrite --skip-invalid --ordered --truncate --chat --system --chat-template --threads --device --dtype --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --typical-p --epsilon-cutoff --eta-cutoff --top-n-sigma --xtc-probability --xtc-threshold --dynatemp-range --dynatemp-exponent --repetition-penalty --presence-penalty --frequency-penalty --repeat-last-n --dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --no-repeat-ngram-size --min-new-tokens --bad-words --logit-bias --mirostat --mirostat-tau --mirostat-eta --samplers --help -h" -- "$cur")) || COMPREPLY=($(compgen -f -- "$cur")) ;;
+        batch) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--output -o --model -m --batch-size -b --seed -s --stop --ignore-eos --shard --overwrite --skip-invalid --ordered --logprobs --prompt-logprobs --truncate --chat --system --chat-template --threads --device --dtype --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --typical-p --epsilon-cutoff --eta-cutoff --top-n-sigma --xtc-probability --xtc-threshold --dynatemp-range --dynatemp-exponent --repetition-penalty --presence-penalty --frequency-penalty --repeat-last-n --dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --no-repeat-ngram-size --min-new-tokens --bad-words --logit-bias --mirostat --mirostat-tau --mirostat-eta --samplers --help -h" -- "$cur")) || COMPREPLY=($(compgen -f -- "$cur")) ;;
         convert) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--dtype --force --help -h" -- "$cur")) || COMPREPLY=($(compgen -f -- "$cur")) ;;
         pull) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--dtype --force --help -h" -- "$cur")) || COMPREPLY=($(compgen -W "smollm2" -- "$cur")) ;;
         rm) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--help -h" -- "$cur")) || COMPREPLY=($(compgen -W "smollm2" -- "$cur")) ;;
         list) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--available --json --help -h" -- "$cur")) ;;
         train) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--output -o --preset --steps --batch-size --context --lr --vocab-size --layers --dim --heads --bf16 --no-bf16 --seed -s --init --pairs --resume --no-resume --threads --device --help -h" -- "$cur")) || COMPREPLY=($(compgen -f -- "$cur")) ;;
+        lens) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --position --top --errors --chat --system --chat-template --threads --device --dtype --json --help -h" -- "$cur")) ;;
     esac
 }
 complete -o filenames -F _llmgen llmgen

@@ -418,6 +418,7 @@ def exact(
     model: ModelOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="N: sequences end at EOS or after N tokens.")] = 5,
     max_expansions: Annotated[int, typer.Option("--max-expansions", help="Bound on partial sequences expanded; past it, optimality is not proven.")] = 2000,
+    top: Annotated[int, typer.Option("--top", metavar="K", help="The K most probable sequences (K <= 1000), best first, each proven in its rank, as a table with the probability they cover.")] = 1,
     show_tree: ShowTreeOpt = False,
     tree_top: TreeTopOpt = 3,
     tree_depth: TreeDepthOpt = 4,
@@ -434,12 +435,12 @@ def exact(
 ) -> None:
     """The provably most probable continuation (ending at EOS or after N tokens).
 
-    Best-first search on cumulative log-probability, bounded by the greedy sequence: reports the nodes expanded against the |V|^N sequences brute force would score.
+    Best-first search on cumulative log-probability, bounded by the greedy sequence: reports the nodes expanded against the |V|^N sequences brute force would score. With --top K the search goes on past the first until K are proven; --json then prints one record per sequence, with its rank.
     """
     from llmgen import orchestrate as orch
     from llmgen.decoding.exact import ExactConfig, exact_search
 
-    cfg = ExactConfig(max_new_tokens=max_new_tokens, max_expansions=max_expansions)
+    cfg = ExactConfig(max_new_tokens=max_new_tokens, max_expansions=max_expansions, top=top)
     system = orch.check_chat(chat, system, chat_template, errors.value)
     text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
@@ -449,18 +450,24 @@ def exact(
     result = exact_search(ckpt.model, ids, replace(cfg, eos_token_ids=orch.stop_ids(ckpt, chat)), ckpt.decode)
     continuation = ckpt.decode(result.token_ids)
     if as_json:
-        _write_json(
-            _record(text, ids, continuation, result.token_ids, result.logprobs, result.finish_reason, None,
-                    logprob=result.logprob, expanded=result.expanded, proven=result.proven, brute_force_log10=round(result.brute_force_log10, 3),
-                    **({"tree": render.search_tree_record(result.tree, ckpt.token_text)} if show_tree else {}))
-        )
+        for rank, h in enumerate(result.hypotheses, 1):  # the tree, shared by all, goes with the first
+            _write_json(
+                _record(text, ids, ckpt.decode(h.token_ids), h.token_ids, h.logprobs, h.finish_reason, None,
+                        logprob=h.logprob, rank=rank, expanded=result.expanded, proven=h.proven, mass=result.mass,
+                        brute_force_log10=round(result.brute_force_log10, 3),
+                        **({"tree": render.search_tree_record(result.tree, ckpt.token_text)} if show_tree and rank == 1 else {}))
+            )
         return
     out = render.stdout_console()
     if show_tree:
         out.print(render.search_tree(result.tree, ckpt.token_text, text, "exact search", tree_top, bound_all=True, depth=tree_depth), soft_wrap=False)
         out.print(render.tree_legend("exact"), soft_wrap=False)
-    out.print((text if echo else "") + continuation, markup=False, highlight=False)
-    render.stderr_console().print(render.exact_summary(result, max_expansions))
+    if top > 1:
+        texts = [(text if echo else "") + ckpt.decode(h.token_ids) for h in result.hypotheses]
+        out.print(render.exact_table(result, texts, text, out.width), soft_wrap=False)
+    else:
+        out.print((text if echo else "") + continuation, markup=False, highlight=False)
+    render.stderr_console().print(render.exact_summary(result, max_expansions, top))
 
 
 @app.command()

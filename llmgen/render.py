@@ -596,13 +596,48 @@ def _power_of_ten(log10: float) -> str:
     return f"{10 ** log10:,.0f}" if log10 < 7 else f"{10 ** (log10 % 1):.2f}e{int(log10)}"
 
 
-def exact_summary(result, max_expansions: int) -> Text:
-    verdict = "optimal (proven)" if result.proven else f"best found; not proven optimal within --max-expansions {max_expansions}"
-    return Text(
-        f"logprob {result.logprob:.4f} · {verdict} · expanded {result.expanded:,} nodes "
-        f"vs {_power_of_ten(result.brute_force_log10)} sequences for brute force",
-        style="dim",
-    )
+def exact_summary(result, max_expansions: int, top: int = 1) -> Text:
+    """The line under an exact search: its proof (of each rank, with ``--top``), the
+    probability the sequences cover, and its work against brute force's."""
+    work = f"expanded {result.expanded:,} nodes vs {_power_of_ten(result.brute_force_log10)} sequences for brute force"
+    if top == 1:
+        verdict = "optimal (proven)" if result.proven else f"best found; not proven optimal within --max-expansions {max_expansions}"
+        return Text(f"logprob {result.logprob:.4f} · {verdict} · {work}", style="dim")
+    found, proven = len(result.hypotheses), sum(h.proven for h in result.hypotheses)
+    if found < top:
+        # a finished search lists every complete sequence; a budget can stop it short of K
+        count = f"all {found} complete sequences (fewer than --top {top})" if proven == found else f"{found} of --top {top} found"
+    else:
+        count = f"{found} sequences"
+    verdict = ("each proven in its rank" if proven == found else
+               f"{proven} of {found} proven within --max-expansions {max_expansions}; the rest are the best found")
+    return Text(f"{count} cover {prob_text(result.mass)} of the probability · {verdict} · {work}", style="dim")
+
+
+def exact_table(result, texts: list[str], prompt: str, width: int | None = None) -> Table:
+    """``exact --top K``: the sequences best first, each with its log-probability,
+    probability and whether its rank is proven; the footer sums the probabilities (the
+    mass they cover). As ``width`` narrows the borders go, then the token counts."""
+
+    def layout(framed: bool, counts: bool) -> Table:
+        proven = all(h.proven for h in result.hypotheses)  # else some are only the best found
+        title = f"the {len(texts)} most probable continuations of" if proven else f"the best {len(texts)} continuations found for"
+        table = Table(title=f"{title} {prompt_label(prompt)}", title_justify="left", show_footer=True)
+        if not framed:
+            table.box, table.padding, table.pad_edge, table.show_edge = box.SIMPLE, (0, 1), False, False
+        table.add_column("#", justify="right", no_wrap=True)
+        table.add_column("continuation", overflow="fold", min_width=12, footer="mass covered")
+        if counts:
+            table.add_column("tokens", justify="right", no_wrap=True)
+        table.add_column("logprob", justify="right", no_wrap=True)
+        table.add_column("p", justify="right", no_wrap=True, footer=prob_text(result.mass))
+        table.add_column("proven", no_wrap=True)
+        for rank, (h, text) in enumerate(zip(result.hypotheses, texts), 1):
+            table.add_row(str(rank), token_label(text), *[str(len(h.token_ids))] * counts, f"{h.logprob:.4f}",
+                          prob_text(math.exp(h.logprob)), "yes" if h.proven else "no", style="" if h.proven else "dim")
+        return table
+
+    return widest_that_fits(width, [lambda: layout(True, True), lambda: layout(False, True), lambda: layout(False, False)])
 
 
 def compare_table(rows: list[dict], width: int | None = None) -> Table:

@@ -31,7 +31,7 @@ SAMPLERS = ["--typical-p", "--epsilon-cutoff", "--eta-cutoff", "--top-n-sigma", 
 FLAGS = {
     "run": ["-n", "-t", "-k", "-p", "--min-p", "--repetition-penalty", "--seed", "--num-samples", "--stop", "--truncate", "--errors", *SAMPLERS],
     "beam": ["-w", "-n", "--length-penalty", "--num-return", "--no-repeat-ngram-size", "--tree-top", "--truncate"],
-    "exact": ["-n", "--max-expansions", "--tree-top", "--truncate"],
+    "exact": ["-n", "--max-expansions", "--top", "--tree-top", "--truncate"],
     "probs": ["--steps", "--top", "-t", "-k", "-p", "--min-p", "--seed", *SAMPLERS],
     "compare": ["-n", "-w", "-t", "-k", "-p", "--seed", "--max-expansions"],
     "score": ["--errors"],

@@ -5,6 +5,7 @@ The beam-tree snapshot is a readable text file; regenerate it with
 """
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -98,6 +99,32 @@ def test_compare_shows_greedy_is_not_optimal(cli):
     out = cli("compare", "I like", "-n", "3", "-w", "2", "--seed", "1")
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.startswith("│ ") and line.split("│")[1].strip()}
     assert "-2.441" in rows["greedy"] and "-2.097" in rows["beam (width 2)"] and "-1.997" in rows["exact"]
+
+
+def test_compare_marks_where_beam_lost_the_optimum(cli):
+    """Width 2 drops " like coffee" at step 2 (test_search finds such prompts by brute force)."""
+    out = cli("compare", "I like", "-n", "3", "-w", "2", "--seed", "1")
+    notes = " ".join(line.split("│")[5].strip() for line in out.splitlines() if line.startswith("│"))  # the note column, wrapped
+    assert "lost the optimum at step 2 (-0.099 logprob)" in notes
+    beam, exact = [json.loads(line) for line in cli("compare", "I like", "-n", "3", "-w", "2", "--seed", "1", "--json").splitlines()][1:3]
+    assert beam["lost_optimum_at_step"] == 2 and beam["optimum_proven"] is True
+    assert beam["gap"] == pytest.approx(beam["logprob"] - exact["logprob"]) and beam["gap"] < 0
+    beam = json.loads(cli("compare", "I", "-n", "3", "-w", "2", "--seed", "1", "--json").splitlines()[1])
+    assert beam["lost_optimum_at_step"] is None and beam["gap"] == 0 and beam["note"] == "found the optimum"
+
+
+def test_exact_top_k_table_and_json(cli, capsys, six_dir):
+    out = cli("exact", "I like", "-n", "3", "--top", "4")
+    assert out.startswith('the 4 most probable continuations of "I like"') and "mass covered" in out
+    recs = [json.loads(line) for line in cli("exact", "I like", "-n", "3", "--top", "4", "--json").splitlines()]
+    assert [r["rank"] for r in recs] == [1, 2, 3, 4] and recs[0]["text"] == "like coffee coffee"
+    assert all(r["proven"] for r in recs) and len({r["mass"] for r in recs}) == 1
+    assert recs[0]["mass"] == pytest.approx(sum(math.exp(r["logprob"]) for r in recs))
+    assert [r["logprob"] for r in recs] == sorted((r["logprob"] for r in recs), reverse=True)
+    recs = [json.loads(line) for line in cli("exact", "I like", "-n", "6", "--top", "4", "--max-expansions", "2", "--json").splitlines()]
+    assert not recs[-1]["proven"]  # past the budget: the best found, not proven
+    assert main(["exact", "I like", "-n", "6", "--top", "4", "--max-expansions", "2", "--model", six_dir]) == 0
+    assert "proven within --max-expansions 2; the rest are the best found" in " ".join(capsys.readouterr().err.split())
 
 
 @pytest.mark.parametrize("width", [60, 80, 120])

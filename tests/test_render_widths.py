@@ -94,6 +94,40 @@ def test_search_trees(embedded, width, kind):
             assert f"Σ={node.cumulative:.3f}" in flat and f"p={math.exp(node.logprob):.3f}" in flat
 
 
+@pytest.mark.parametrize("budget", [2000, 3])  # 3: some ranks are not proven
+@pytest.mark.parametrize("width", WIDTHS)
+def test_exact_top_table(embedded, width, budget):
+    from llmgen.decoding.exact import ExactConfig, exact_search
+
+    ids = embedded.encode("I like")
+    result = exact_search(embedded.model, ids, ExactConfig(max_new_tokens=3, max_expansions=budget, eos_token_ids=(0,), top=5),
+                          embedded.decode)
+    texts = [embedded.decode(h.token_ids) for h in result.hypotheses]
+    text = _draw(render.exact_table(result, texts, "I like", width), width)
+    _fits(text, width)
+    flat = " ".join(text.split())
+    for h, t in zip(result.hypotheses, texts):
+        assert render.token_label(t) in text and f"{h.logprob:.4f}" in text and render.prob_text(math.exp(h.logprob)) in text
+    assert "mass covered" in flat and render.prob_text(result.mass) in text
+    assert ("no" in text.split()) == (budget == 3)
+    summary = _draw(render.exact_summary(result, budget, 5), width)
+    _fits(summary, width)
+    assert ("each proven in its rank" in " ".join(summary.split())) == (budget == 2000)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_compare_notes_where_beam_lost_the_optimum(width):
+    rows = [{"strategy": "beam (width 4)", "token_ids": [1, 2, 3], "logprob": -12.181, "text": " a man in the world.",
+             "note": "lost the optimum at step 3 (-6.829 logprob)"},
+            {"strategy": "exact", "token_ids": [4, 0], "logprob": -5.352, "text": " it.\"", "note": "optimal, 33 expansions"}]
+    text = _draw(render.compare_table(rows, width), width)
+    _fits(text, width)
+    flat = " ".join(text.replace("│", " ").split())
+    # narrower, the note wraps within its cell (and at 50 joins the strategy's), beside the continuation
+    assert all(word in flat.split() for word in "lost the optimum at step 3 (-6.829 logprob)".split())
+    assert width < 120 or "lost the optimum at step 3 (-6.829 logprob)" in flat
+
+
 @pytest.mark.parametrize("width", WIDTHS)
 def test_compare_score_and_info(embedded, width):
     from llmgen.checkpoint import describe
