@@ -6,7 +6,8 @@ draw). Greedy decoding keeps the stages that change what the model prefers and e
 in ``Greedy``; sampling keeps them all and ends in a seeded ``Draw`` (or ``Mirostat``).
 
 A decode loop only ever calls ``choose`` (or ``explain``, which chooses too and says
-what each stage did), ``accept`` and ``keep``.
+what each stage did), ``accept`` and ``keep``; scoring a given text calls ``judge``
+(how probable the chain makes the text's token, and which stage removed it) and ``accept``.
 """
 
 from __future__ import annotations
@@ -172,6 +173,31 @@ class Sampler:
             changed,
         )
 
+    def judge(self, logits: torch.Tensor, tokens: list[int]) -> tuple[list[float], list[str | None]]:
+        """For a text scored rather than generated: each row's probability of its given
+        token under the final distribution, and the first stage that removed it (None
+        if it survived). The stages run exactly as in ``choose``, so random ones draw
+        the same numbers, but nothing is drawn: the terminal hears the given token as
+        if it had chosen it. Call ``accept`` with the tokens before the next step."""
+        _check_model(logits)
+        index = torch.tensor(tokens, device=logits.device)[:, None]
+        x = logits.float()
+        removed: list[str | None] = [None] * len(tokens)
+        for stage in self.stages:
+            before = torch.isfinite(x.gather(-1, index))[:, 0]
+            x = stage.apply(x)
+            gone = before & ~torch.isfinite(x.gather(-1, index))[:, 0]
+            for row in torch.nonzero(gone).flatten().tolist():
+                removed[row] = stage.name
+        self._check_not_empty(x)
+        final = self.terminal.distribution(x)
+        probs = final.gather(-1, index)[:, 0].tolist()
+        for row, p in enumerate(probs):
+            if p == 0 and removed[row] is None and bool(torch.isfinite(x[row, tokens[row]])):
+                removed[row] = self.terminal.name
+        self.terminal.observe(final, tokens)
+        return probs, removed
+
     def accept(self, tokens: torch.Tensor | list[int]) -> None:
         tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
         self.rows.append(tokens)
@@ -207,8 +233,9 @@ def build_sampler(
     behind the text-valued settings (``sampling.tokens.resolve_tokens``).
 
     Order: the constraints, then ``cfg.order``. Greedy keeps only the stages that are
-    not warpers and ends in ``Greedy``; mirostat drops the truncation stages and ends in
-    ``Mirostat`` (as llama.cpp does); otherwise the chain ends in a seeded ``Draw``.
+    not warpers (and top-k, when k = 1 is what makes it greedy) and ends in ``Greedy``;
+    mirostat drops the truncation stages and ends in ``Mirostat`` (as llama.cpp does);
+    otherwise the chain ends in a seeded ``Draw``.
     """
     if tokens is None:
         if cfg.logit_bias or cfg.bad_words or cfg.dry_multiplier > 0:
@@ -218,7 +245,10 @@ def build_sampler(
     context = Context(cfg, rows, vocab_size, tuple(eos), tokens)
     stages = [s for s in (FACTORIES[name](context) for name in CONSTRAINTS + cfg.order) if s is not None]
     if cfg.greedy:
-        return Sampler(rows, [s for s in stages if not s.warper], Greedy())
+        # Top-k 1 is greedy too; its stage stays (it keeps the argmax, so nothing changes),
+        # so that a scored text's token is "removed by top-k", the flag that was given.
+        kept = [s for s in stages if not s.warper or (s.name == "top-k" and cfg.top_k == 1)]
+        return Sampler(rows, kept, Greedy())
     if cfg.mirostat:
         kept = [s for s in stages if not s.truncates]
         return Sampler(rows, kept, Mirostat(rows, cfg.mirostat, cfg.mirostat_tau, cfg.mirostat_eta, vocab_size))

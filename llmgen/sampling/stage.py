@@ -89,6 +89,11 @@ class Terminal:
         """One token id per row, ``(rows,)``."""
         raise NotImplementedError
 
+    def observe(self, distribution: torch.Tensor, tokens: list[int]) -> None:
+        """Each row's token was given, not chosen (a text being scored): update any state
+        as ``choose`` would have, had it drawn them. ``distribution`` is ``distribution``'s
+        output for this step."""
+
     def keep(self, rows: list[int]) -> None:
         """Only these rows go on; drop the state of the others."""
 

@@ -99,10 +99,17 @@ class Mirostat(Terminal):
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         dist = self.distribution(logits)
         tokens = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(dist, self.generators)])
-        for row, token in enumerate(tokens.tolist()):
-            surprise = -math.log2(float(dist[row, token]))
-            self.mu[row] -= self.eta * (surprise - self.tau)
+        self.observe(dist, tokens.tolist())
         return tokens
+
+    def observe(self, distribution: torch.Tensor, tokens: list[int]) -> None:
+        """Move each row's ``mu`` by the token's surprise. A token the truncation removed
+        (a scored text the sampler could not have written) leaves ``mu`` as it was: its
+        surprise is infinite, and no draw could have produced it."""
+        for row, token in enumerate(tokens):
+            p = float(distribution[row, token])
+            if p > 0:
+                self.mu[row] -= self.eta * (-math.log2(p) - self.tau)
 
     def keep(self, rows: list[int]) -> None:
         self.mu = [self.mu[r] for r in rows]
