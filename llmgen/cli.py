@@ -573,10 +573,29 @@ def compare(
 
 
 @app.command()
+@with_settings(*SAMPLING)
 def score(
     text: Annotated[Optional[str], typer.Argument(help="Text to score; '-' or a pipe reads stdin.", show_default=False)] = None,
-    prompt_file: PromptFileOpt = None,
+    prompt_file: Annotated[Optional[str], typer.Option(
+        "--file", "--prompt-file", "-f", metavar="PATH", help="Read TEXT from this file ('-' is stdin).", show_default=False)] = None,
     model: ModelOpt = None,
+    stride: Annotated[Optional[int], typer.Option(
+        "--stride", metavar="S", show_default=False,
+        help="A text longer than the context C is scored in windows of C tokens that start every S tokens; each token "
+             "is scored once, with at least C - S tokens before it after the first window. Default: C/2.")] = None,
+    kl_reference: Annotated[Optional[str], typer.Option(
+        "--kl-reference", metavar="MODEL", show_default=False,
+        help="Compare with this model (same tokenizer) token by token: KL(reference || model) mean, 99th percentile "
+             "and max, how often both models' most probable token agree, and both perplexities.")] = None,
+    reference_dtype: Annotated[Dtype, typer.Option(
+        "--reference-dtype", help="The --kl-reference model's dtype: float32 whatever --dtype says, so that "
+                                  "--dtype bfloat16 --kl-reference the same model measures what bfloat16 costs.")] = Dtype.float32,
+    sampler: Annotated[bool, typer.Option(
+        "--sampler", help="Score under the sampler `llmgen run` would use with these settings (any sampling flag implies "
+                          "it): each token's probability after every stage, and the stage that removed it when that is 0.")] = False,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", "-s", help="With the sampler: the seed of its random stages (XTC), as run's --seed. Default: random, "
+                             "and reported.", show_default=False)] = None,
     errors: ErrorsOpt = Errors.strict,
     chat: Annotated[bool, typer.Option("--chat", help="Score TEXT as the assistant's reply to --reply-to, in the model's chat template.")] = False,
     reply_to: Annotated[Optional[str], typer.Option("--reply-to", help="With --chat: the user's message TEXT answers.", show_default=False)] = None,
@@ -586,31 +605,73 @@ def score(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
+    settings: dict | None = None,
 ) -> None:
     """Teacher-forced log-probability of every token of TEXT, and its perplexity.
 
-    The first token is scored after the model's BOS token when it has one; otherwise it has no context and its logprob is null. With --chat, TEXT is scored as the assistant's reply to --reply-to: each token given the rendered conversation and the reply before it.
+    The first token is scored after the model's BOS token when it has one; otherwise it has no context and its logprob is null. A text longer than the context is scored in sliding windows (--stride). With --chat, TEXT is scored as the assistant's reply to --reply-to: each token given the rendered conversation and the reply before it.
+
+    Without sampling flags this is the model's own distribution, and generation_config.json plays no part. With any of them (or --sampler), it asks whether `llmgen run` with the same flags could have written TEXT: each token's probability under the sampler's final distribution, the chain fed the text so far, and the stage that removed it; the settings layer over generation_config.json as run's do.
     """
     from llmgen import orchestrate as orch
 
+    config.check_seed(seed)
     system = orch.check_chat(chat, system, chat_template, errors.value)
     if chat != (reply_to is not None):
         raise UsageError("--chat and --reply-to go together: the reply TEXT is scored after the user's message")
+    if stride is not None and stride < 1:
+        raise UsageError("--stride must be at least 1")
+    judged = sampler or any(v is not None for v in settings.values())
+    if kl_reference is not None and (judged or chat):
+        raise UsageError("--kl-reference compares the two models' own distributions: give it without --chat, --sampler or sampling flags")
     content = orch.read_prompt(text, errors.value, prompt_file)
 
     from llmgen import render
+    from llmgen.sampler_score import sampler_score
+    from llmgen.scoring import check_same_tokenizer, divergence
     from llmgen.scoring import score as score_text
 
     ckpt = orch.load(model, device, dtype.value, threads=threads)
     context = orch.prompt_ids(ckpt, reply_to, chat=True, system=system, template=chat_template) if chat else None
-    result = score_text(ckpt.model, ckpt.encode(content, special=not chat), ckpt.bos_token_id, context)
+    ids = ckpt.encode(content, special=not chat)
+    prompt = {"prompt": reply_to, "prompt_token_ids": context} if chat else {}
+    with render.ScoreProgress() as bar:
+        if kl_reference is not None:
+            reference = orch.load(kl_reference, device, reference_dtype.value, threads=threads)
+            check_same_tokenizer(ckpt, reference)
+            result = divergence(ckpt.model, reference.model, ids, ckpt.bos_token_id, stride, bar.update)
+            extra = {"model": orch.model_label(model), "reference": kl_reference}
+        elif judged:
+            gen = orch.generation(ckpt, settings, seed=seed, chat=chat)
+            result = sampler_score(ckpt.model, ids, ckpt.bos_token_id, gen.sampling, gen.seed, gen.stop_token_ids, gen.tokens,
+                                   context, stride, bar.update)
+            extra = {"settings": {k: v for k, v in config.effective(gen).items() if k != "max_new_tokens"}}
+        else:
+            result = score_text(ckpt.model, ids, ckpt.bos_token_id, context, stride, bar.update)
+            extra = {}
     if as_json:
-        prompt = {"prompt": reply_to, "prompt_token_ids": context} if chat else {}
-        _write_json({**prompt, "text": content, "token_ids": result.token_ids, "logprobs": result.logprobs,
-                     "perplexity": result.perplexity})
+        _write_json({**prompt, "text": content, **result.record(), **extra})
         return
-    tokens = [ckpt.token_text(t) for t in result.token_ids]
-    render.stdout_console().print(render.score_table(tokens, result.token_ids, result.logprobs, result.perplexity), soft_wrap=False)
+    out = render.stdout_console()
+    if kl_reference is not None:
+        labels = [f"{name} ({str(c.dtype).removeprefix('torch.')})" for name, c in ((orch.model_label(model), ckpt), (kl_reference, reference))]
+        out.print(render.divergence_table(result, *labels), soft_wrap=False)
+        return
+    scored = result.score if judged else result
+    long = scored.n_tokens > render.LONG_TEXT
+    if judged:
+        origin = orch.settings_origin(ckpt, settings, gen) + (f" · seed {gen.seed}" if gen.seed is not None else "")
+    if judged and not long:
+        out.print(render.sampler_score_table([ckpt.token_text(t) for t in ids], result, origin), soft_wrap=False)
+    elif not long:
+        out.print(render.score_table([ckpt.token_text(t) for t in ids], ids, result.logprobs, result.perplexity), soft_wrap=False)
+    if long or scored.windows > 1 or judged:
+        out.print(render.score_summary(scored))
+    if judged:
+        out.print(render.sampler_verdict(result, origin if long else ""))
+    if judged and long and result.impossible:
+        impossible = {i: ckpt.token_text(t) for i, t in enumerate(ids) if result.probs[i] == 0}
+        out.print(render.impossible_tokens(impossible, result), end="")
 
 
 CHAT_HELP = """commands:

@@ -21,8 +21,8 @@ from llmgen.errors import BrokenLogits, LlmgenError, UsageError
 
 
 def read_prompt(prompt: str | None, errors: str = "strict", prompt_file: str | None = None) -> str:
-    """The prompt: PROMPT; the file of ``--prompt-file``; stdin for ``-``, or when no
-    PROMPT is given and stdin is not a terminal. Text piped in beside a PROMPT is joined
+    """The prompt: PROMPT; the file of ``--prompt-file`` (``-``: stdin); stdin for
+    ``-``, or when no PROMPT is given and stdin is not a terminal. Text piped in beside a PROMPT is joined
     to it, stdin first and a space between, as ``llm`` does
     (``cat notes.txt | llmgen run "In short:"``).
 
@@ -33,6 +33,8 @@ def read_prompt(prompt: str | None, errors: str = "strict", prompt_file: str | N
     if prompt_file is not None:
         if prompt is not None:
             raise UsageError("give PROMPT or --prompt-file, not both")
+        if prompt_file == "-":
+            return read_prompt("-", errors)
         try:
             data = Path(prompt_file).read_bytes()
         except OSError as e:

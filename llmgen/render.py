@@ -186,6 +186,83 @@ def score_table(tokens: list[str], token_ids: list[int], logprobs: list[float | 
     return table
 
 
+LONG_TEXT = 1000  # tokens: past this, score's plain view is a summary and the tokens are left to --json
+
+
+def score_summary(result) -> Text:
+    """A scored text in a line: perplexity, tokens, and the windows when it took several."""
+    ppl = "—" if result.perplexity is None else f"{result.perplexity:.3f}"
+    text = Text(f"perplexity {ppl} · {result.n_tokens:,} tokens")
+    if result.windows > 1:
+        text.append(f" in {result.windows:,} sliding windows, stride {result.stride}", style="dim")
+    if result.n_tokens > LONG_TEXT:
+        text.append("\nevery token's logprob: --json", style="dim")
+    return text
+
+
+def divergence_table(div, model: str, reference: str) -> Table:
+    """``score --kl-reference``: both perplexities, KL(reference ‖ model) per token, and
+    how often the two models' most probable tokens agree."""
+    n = sum(k is not None for k in div.kl)
+    table = Table(show_header=False, box=None, padding=(0, 2), title="model against reference", title_justify="left")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row("model", f"{model} · perplexity {div.score.perplexity:.4f}")
+    table.add_row("reference", f"{reference} · perplexity {div.reference.perplexity:.4f}")
+    table.add_row("KL(ref ‖ model)", f"mean {div.kl_mean:.3g} · 99th percentile {div.kl_p99:.3g} · max {div.kl_max:.3g} (nats per token)")
+    table.add_row("same top token", f"{div.same_top:.2%} of {n:,} positions")
+    if div.score.windows > 1:
+        table.add_row("windows", f"{div.score.windows:,}, stride {div.score.stride}")
+    return table
+
+
+def sampler_verdict(judged, origin: str = "") -> Text:
+    """Could the sampler have written the text: how many tokens it makes impossible, and
+    the text's log-probability under it beside the model's; ``origin`` names the
+    settings where no table title did."""
+    model = sum(lp for lp in judged.score.logprobs if lp is not None)
+    scored = sum(p is not None for p in judged.probs)
+    if judged.impossible:
+        text = Text(f"impossible under these settings: {judged.impossible:,} of {scored:,} tokens", style="bold red")
+    else:
+        text = Text(f"possible: every one of {scored:,} tokens could have been drawn", style="bold green")
+    text.append(f" · log-probability under the sampler {judged.logprob:.4f} (the model's: {model:.4f})")
+    text.append(f"\nsamplers: {' → '.join(judged.order)}" + (f" · {origin}" if origin else ""), style="dim")
+    return text
+
+
+def sampler_score_table(tokens: list[str], judged, origin: str) -> Table:
+    """Each token's probability under the model and under the sampler's final
+    distribution; a token the sampler could not have drawn in red, with the stage that
+    removed it."""
+    table = Table(title=f"sampler: {origin}" if origin else None, title_justify="left")
+    table.add_column("#", justify="right", style="dim", no_wrap=True)
+    table.add_column("token", no_wrap=True)
+    table.add_column("id", justify="right", style="dim", no_wrap=True)
+    table.add_column("model p", justify="right", no_wrap=True)
+    table.add_column("sampler p", justify="right", no_wrap=True)
+    table.add_column("removed by", no_wrap=True)
+    rows = zip(tokens, judged.score.token_ids, judged.score.logprobs, judged.probs, judged.removed_by)
+    for i, (tok, tid, lp, p, why) in enumerate(rows, 1):
+        if p is None:
+            table.add_row(str(i), token_label(tok), str(tid), "(no context)", "—", "")
+            continue
+        table.add_row(str(i), token_label(tok), str(tid), prob_text(math.exp(lp)), prob_text(p), why or "",
+                      style="bold red" if p == 0 else None)
+    return table
+
+
+def impossible_tokens(tokens: dict[int, str], judged, shown: int = 10) -> Text:
+    """The first tokens the sampler could not have drawn (``tokens`` maps their positions
+    to their text), for a text too long for the table."""
+    text = Text()
+    for i, tok in list(tokens.items())[:shown]:
+        text.append(f"#{i + 1} {token_label(tok)} removed by {judged.removed_by[i]}\n", style="red")
+    if judged.impossible > shown:
+        text.append(f"… {judged.impossible - shown:,} more (--json lists every token's removed_by)\n", style="dim")
+    return text
+
+
 class _StderrBar:
     """A Rich progress bar on stderr, drawn only when stderr is a terminal; used as a
     context manager around the work it reports on."""
@@ -205,6 +282,25 @@ class _StderrBar:
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()
+
+
+class ScoreProgress(_StderrBar):
+    """Tokens scored, tokens/s and ETA while a long text is scored; it appears only once
+    the first pass leaves more to do (a short text shows none), and only on a terminal."""
+
+    def __init__(self) -> None:
+        super().__init__("score", None, TextColumn("{task.fields[rate]} tok/s"), TextColumn("ETA"), TimeRemainingColumn(),
+                         rate="-")
+        self.started = time.perf_counter()
+
+    def __enter__(self):
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        if done < total and not self.progress.live.is_started:
+            self.progress.start()
+        rate = done / max(time.perf_counter() - self.started, 1e-9)
+        self.progress.update(self.task, completed=done, total=total, rate=f"{rate:,.0f}")
 
 
 class TrainingProgress(_StderrBar):
