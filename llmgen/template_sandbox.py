@@ -6,9 +6,10 @@ on the calling thread and without a watchdog to kill it. Every loop step, call,
 attribute lookup, filter and intercepted operator first looks at the clock
 (``SECONDS``). Every step that can grow a value looks at its size against the caller's
 ``max_chars``: before it builds it where the size is known in advance (``*``, ``+``,
-``**``, ``~``, a call's integer arguments, captured output), after it otherwise (a
-call's or a filter's result, ``%``). A template that loads another (``include``,
-``extends``, ``import``) is refused as it is parsed: there is nothing for it to load.
+``**``, ``~``, a call's integer arguments, captured output, the widths and precisions
+of ``%``, ``format`` and ``str.format``), after it otherwise (a call's or a filter's
+result). A template that loads another (``include``, ``extends``, ``import``) is
+refused as it is parsed: there is nothing for it to load.
 
 Whatever goes wrong comes out as one ``RenderError``: a one-line message, and the line
 of the template where it happened.
@@ -18,17 +19,20 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 
 from jinja2 import TemplateSyntaxError, nodes
 from jinja2.runtime import Macro
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
 from jinja2.visitor import NodeTransformer
 
 # Real templates render in milliseconds; seconds of rendering is a loop that will not end.
 SECONDS = 3.0
 # No template needs a larger integer; a product squared in a loop would reach any size.
 INT_BITS = 4096
+# A printf-style conversion's width and precision: digits, or '*' to take them from the values.
+PRINTF = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d*))?[hlL]?.", re.DOTALL)
 LOADS = {nodes.Extends: "extends", nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "from ... import"}
 
 
@@ -75,6 +79,24 @@ class Budget:
             self.fits_int(value.bit_length())
         return value
 
+    def fits_width(self, digits: str) -> None:
+        """A format's width or precision, refused before the field is formatted when it is
+        larger than the size bound (``'{:>1000000000}'`` would take a gigabyte first)."""
+        digits = digits.lstrip("0")
+        if len(digits) > len(str(self.max_chars)) or (digits and int(digits) > self.max_chars):
+            raise OverBudget(f"formats a field over {self.max_chars} characters wide, more than the model's context can use")
+
+    def printf(self, text: str, values) -> None:
+        """Checks the widths and precisions of ``text % values`` (the ``%`` operator, the
+        ``format`` filter): those written in ``text``, and those a ``*`` takes from ``values``."""
+        stars = False
+        for width, precision in PRINTF.findall(text):
+            for digits in (width, precision):
+                stars = stars or digits == "*"
+                self.fits_width(digits.strip("*"))
+        if stars:
+            self.arguments("a '*' width in %", values if isinstance(values, tuple) else (values,), {})
+
     def arguments(self, callee: str, args: tuple, kwargs: dict) -> None:
         """Refuses an integer argument larger than the size bound before the call: as a
         width or a count (``center``, ``format``, ``range``) it would build a value that
@@ -97,6 +119,8 @@ class Budget:
             self.fits(len(left) + len(right))
         elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
             self.fits_int(right * left.bit_length())
+        elif operator == "%" and isinstance(left, str):
+            self.printf(left, right)
 
 
 class _Bounded(NodeTransformer):
@@ -145,6 +169,24 @@ class Sandbox(ImmutableSandboxedEnvironment):
             __self.budget.arguments(f"{_called(__obj)}()", args, kwargs)
         return __self.budget.checked(super().call(__context, __obj, *args, **kwargs))
 
+    def wrap_str_format(self, value):
+        """Jinja's sandboxed ``str.format`` and ``format_map``, each field's width and
+        precision checked first (``_Widths`` resolves the fields as they will be formatted)."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        widths = _Widths(self)
+
+        @functools.wraps(wrapped)
+        def bounded(*args, **kwargs):
+            if value.__name__ != "format_map":
+                widths.vformat(value.__self__, args, kwargs)
+            elif len(args) == 1 and not kwargs:  # its one argument is the mapping; else Jinja's TypeError
+                widths.vformat(value.__self__, (), args[0])
+            return wrapped(*args, **kwargs)
+
+        return bounded
+
     def getattr(self, obj, attribute):
         self.budget.tick()
         return super().getattr(obj, attribute)
@@ -177,6 +219,21 @@ class Sandbox(ImmutableSandboxedEnvironment):
         texts = [str(item) for item in items]
         self.budget.fits(sum(map(len, texts)))
         return "".join(texts)
+
+
+class _Widths(SandboxedFormatter):
+    """Goes through a ``str.format`` before it is run: each field's format spec, nested
+    fields filled in, has its numbers (width, precision) checked before the field is
+    formatted (a nested field's text may be the width of the one around it)."""
+
+    def __init__(self, env: Sandbox) -> None:
+        super().__init__(env)
+        self.budget = env.budget
+
+    def format_field(self, value, format_spec: str) -> str:
+        for digits in re.findall(r"\d+", format_spec):
+            self.budget.fits_width(digits)
+        return super().format_field(value, format_spec)
 
 
 def render(source: str, variables: dict, max_chars: int) -> str:
@@ -216,6 +273,8 @@ def _bounded_filter(name: str, func, budget: Budget):
     def bounded(*args, **kwargs):
         budget.tick()
         budget.arguments(f"the filter {name}", args[data:], kwargs)
+        if name == "format" and isinstance(args[0], str):  # printf-style: widths in the text
+            budget.printf(args[0], kwargs or args[1:])
         return budget.checked(func(*args, **kwargs))
 
     return bounded

@@ -117,6 +117,39 @@ def test_a_runaway_template_is_stopped(model, capsys, template, expected):
     assert f"chat template in {model / 'tokenizer_config.json'}" in err and expected in err
 
 
+@pytest.mark.parametrize("template,expected", [
+    ("{{ '{:>1000000000}'.format('x') }}", "formats a field over"),
+    ("{{ '{0:{1}}'.format('x', '1000000000') }}", "formats a field over"),  # the width from a nested field
+    ("{{ '{w:>{n}}'.format_map({'w': 'x', 'n': '1000000000'}) }}", "formats a field over"),
+    ("{{ '%1000000000s' % 'x' }}", "formats a field over"),
+    ("{{ '%.1000000000f' % 1.5 }}", "formats a field over"),
+    ("{{ '%0*d' % (10**9, 1) }}", "a '*' width in % is given a number over"),
+    ("{{ '%1000000000s' | format('x') }}", "formats a field over"),
+])
+def test_a_format_width_is_refused_before_it_is_built(model, capsys, template, expected):
+    """A field's width or precision sizes what formatting builds, and it is in the format
+    text, not in a value the size bound looked at: each of these built a gigabyte string
+    before it was refused (found by tests/test_fuzz_files.py). tracemalloc sees every
+    string Python allocates."""
+    import tracemalloc
+
+    _template(model, template)
+    tracemalloc.start()
+    try:
+        err = _fails(capsys, _run(model))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert expected in err and peak < 2**26, (err, peak)
+
+
+def test_formats_within_the_bound_render_as_python_formats_them(model, capsys):
+    _template(model, "{{ '%5s|%-4d|%.2f|%%|%*d|' % ('a', 3, 1.5, 4, 2) }}{{ '{0:>6}|{1:.3f}|{0:{2}}|'.format('b', 2.5, '7') }}"
+                     "{{ '{w:>{n}}|'.format_map({'w': 'c', 'n': 3}) }}{{ '%-3s|' | format('d') }}")
+    assert main(_run(model, "--show-prompt", "-t", "0")) == 0
+    assert "    a|3   |1.50|%|   2|     b|2.500|b      |  c|d  |" in capsys.readouterr().out
+
+
 def test_the_size_bound_leaves_room_for_a_long_conversation(model, capsys):
     """The bound counts the messages' own text: a prompt far longer than the context at
     32 characters a token still renders, and --truncate left keeps its end."""
