@@ -22,8 +22,8 @@ from llmgen.errors import LlmgenError, UsageError
 
 # Logit elements (windows x positions x vocabulary) one pass may produce: 16 windows of
 # the embedded model (256 positions, 8,000 tokens: 128 MB of float32), one of a model
-# whose C x V is larger. On two CPU cores, 4 to 32 windows a pass scored the embedded
-# model's text 2.5 times as fast as one, and about equally fast as each other.
+# whose C x V is larger. Batches are for an accelerator: on two CPU cores one window of
+# 256 tokens already keeps them busy, and 1 to 32 windows a pass scored within noise.
 PASS_ELEMENTS = 2**25
 
 Progress = Callable[[int, int], None]  # told the tokens scored so far, and in all
