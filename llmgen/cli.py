@@ -662,7 +662,7 @@ def score(
     if judged:
         origin = orch.settings_origin(ckpt, settings, gen) + (f" · seed {gen.seed}" if gen.seed is not None else "")
     if judged and not long:
-        out.print(render.sampler_score_table([ckpt.token_text(t) for t in ids], result, origin), soft_wrap=False)
+        out.print(render.sampler_score_table([ckpt.token_text(t) for t in ids], result, origin, out.width), soft_wrap=False)
     elif not long:
         out.print(render.score_table([ckpt.token_text(t) for t in ids], ids, result.logprobs, result.perplexity), soft_wrap=False)
     if long or scored.windows > 1 or judged:

@@ -231,25 +231,33 @@ def sampler_verdict(judged, origin: str = "") -> Text:
     return text
 
 
-def sampler_score_table(tokens: list[str], judged, origin: str) -> Table:
+def sampler_score_table(tokens: list[str], judged, origin: str, width: int | None = None) -> Table:
     """Each token's probability under the model and under the sampler's final
     distribution; a token the sampler could not have drawn in red, with the stage that
-    removed it."""
-    table = Table(title=f"sampler: {origin}" if origin else None, title_justify="left")
-    table.add_column("#", justify="right", style="dim", no_wrap=True)
-    table.add_column("token", no_wrap=True)
-    table.add_column("id", justify="right", style="dim", no_wrap=True)
-    table.add_column("model p", justify="right", no_wrap=True)
-    table.add_column("sampler p", justify="right", no_wrap=True)
-    table.add_column("removed by", no_wrap=True)
-    rows = zip(tokens, judged.score.token_ids, judged.score.logprobs, judged.probs, judged.removed_by)
-    for i, (tok, tid, lp, p, why) in enumerate(rows, 1):
-        if p is None:
-            table.add_row(str(i), token_label(tok), str(tid), "(no context)", "—", "")
-            continue
-        table.add_row(str(i), token_label(tok), str(tid), prob_text(math.exp(lp)), prob_text(p), why or "",
-                      style="bold red" if p == 0 else None)
-    return table
+    removed it. As ``width`` narrows, the ids and the borders go first; tokens and
+    numbers are never cut."""
+
+    def layout(framed: bool) -> Table:
+        table = Table(title=f"sampler: {origin}" if origin else None, title_justify="left")
+        if not framed:
+            table.box, table.padding, table.pad_edge, table.show_edge = box.SIMPLE_HEAD, (0, 1), False, False
+        table.add_column("#", justify="right", style="dim", no_wrap=True)
+        table.add_column("token", no_wrap=True)
+        if framed:
+            table.add_column("id", justify="right", style="dim", no_wrap=True)
+        table.add_column("model p" if framed else "model", justify="right", no_wrap=True)
+        table.add_column("sampler p" if framed else "sampler", justify="right", no_wrap=True)
+        table.add_column("removed by" if framed else "removed", no_wrap=True)
+        rows = zip(tokens, judged.score.token_ids, judged.score.logprobs, judged.probs, judged.removed_by)
+        for i, (tok, tid, lp, p, why) in enumerate(rows, 1):
+            if p is None:
+                table.add_row(str(i), token_label(tok), *[str(tid)] * framed, "(no context)", "—", "")
+                continue
+            table.add_row(str(i), token_label(tok), *[str(tid)] * framed, prob_text(math.exp(lp)), prob_text(p), why or "",
+                          style="bold red" if p == 0 else None)
+        return table
+
+    return widest_that_fits(width, [lambda: layout(True), lambda: layout(False)])
 
 
 def impossible_tokens(tokens: dict[int, str], judged, shown: int = 10) -> Text:
