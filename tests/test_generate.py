@@ -79,7 +79,7 @@ def test_length_and_context_limit(ckpt):
 def test_streamed_text_equals_final_text(ckpt):
     pieces = []
     gen = GenerationConfig(max_new_tokens=30, seed=5, ignore_eos=True, stop=("zz",))
-    sample = generate(ckpt.model, ckpt.encode("naïve café"), gen, ckpt.decode, on_token=lambda r, t, lp, d: pieces.append(d))[0]
+    sample = generate(ckpt.model, ckpt.encode("naïve café"), gen, ckpt.decode, on_token=lambda r, t, lp, h, d: pieces.append(d))[0]
     assert "".join(pieces) == sample.text
 
 
