@@ -1106,73 +1106,6 @@ def _train_warning(message: str) -> None:
     sys.stderr.write(f"llmgen: warning: {message}\n")
 
 
-def _fail(message: str, code: int) -> int:
-    sys.stderr.write(f"llmgen: {message}\n")
-    return code
-
-
-TYPE_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT", Path: "PATH"}
-
-
-def command():
-    """The click command tree, with Click's help conventions where Typer 0.29 writes its
-    own: INTEGER, FLOAT, TEXT, PATH or [a|b] after an option (not <int>, <list[str]>),
-    nothing after a flag, and arguments in capitals, [OPTIONAL] and REQUIRED alike in
-    usage lines (not [prompt] beside {INPUT})."""
-    import typer.main
-
-    group = typer.main.get_command(app)
-    for cmd in [group, *group.commands.values()]:
-        for param in cmd.params:
-            if param.param_type_name == "argument":
-                _argument_conventions(param)
-            elif not getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = _option_metavar(param)
-            _strict_numbers(param)
-    return group
-
-
-def _strict_numbers(param) -> None:
-    """Typer 0.29 parses numbers with Pydantic's lax rules: ``-n 1000000000.0`` is an
-    integer and ``-t inf`` or ``nan`` a temperature. Every number flag takes the strict
-    parser instead, which refuses those as a usage error naming the flag."""
-    desc = getattr(param, "type_descriptor", None)
-    if desc is None or desc.parameter_info.parser is not None or desc.is_choice:
-        return
-    annotation = desc.annotation
-    while getattr(annotation, "__args__", None):  # Optional[int] -> int
-        annotation = next(a for a in annotation.__args__ if a is not type(None))
-    parser = {int: _integer, float: _finite}.get(annotation)
-    if parser is not None:
-        desc.parameter_info.parser = parser
-
-
-def _integer(text):
-    if isinstance(text, int):
-        return text
-    try:
-        return int(str(text).strip())
-    except ValueError:
-        raise ValueError(f"{text!r} is not an integer") from None
-
-
-def _finite(text):
-    if isinstance(text, (int, float)):
-        value = float(text)
-    else:
-        try:
-            value = float(str(text).strip())
-        except ValueError:
-            raise ValueError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{text!r} is not a finite number")
-    return value
-
-
-def _option_metavar(param) -> str:
-    desc = param.type_descriptor
-    if desc.is_choice:
-        return "[" + "|".join(str(getattr(c, "value", c)) for c in desc.choices) + "]"
 @app.command()
 def lens(
     prompt: PromptArg = None,
@@ -1214,6 +1147,86 @@ def lens(
     out.print(render.lens_table(result, ckpt.token_text, [ckpt.token_text(t) for t in ids], out.width), soft_wrap=False)
 
 
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"llmgen: {message}\n")
+    return code
+
+
+TYPE_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT", Path: "PATH"}
+
+
+def command():
+    """The click command tree, with Click's help conventions where Typer 0.29 writes its
+    own: INTEGER, FLOAT, TEXT, PATH or [a|b] after an option (not <int>, <list[str]>),
+    nothing after a flag, and arguments in capitals, [OPTIONAL] and REQUIRED alike in
+    usage lines (not [prompt] beside {INPUT})."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for cmd in [group, *group.commands.values()]:
+        for param in cmd.params:
+            if param.param_type_name == "argument":
+                _argument_conventions(param)
+            elif not getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = _option_metavar(param)
+            _strict_numbers(param)
+    return group
+
+
+def _strict_numbers(param) -> None:
+    """Typer 0.29 parses numbers with Pydantic's lax rules: ``-n 1000000000.0`` is an
+    integer and ``-t inf`` or ``nan`` a temperature. Every number flag takes the strict
+    parser instead, which refuses those as a usage error naming the flag."""
+    desc = getattr(param, "type_descriptor", None)
+    if desc is None or desc.parameter_info.parser is not None or desc.is_choice:
+        return
+    annotation = desc.annotation
+    while getattr(annotation, "__args__", None):  # Optional[int] -> int
+        annotation = next(a for a in annotation.__args__ if a is not type(None))
+    parse = {int: _integer, float: _finite}.get(annotation)
+    if parse is not None:
+        desc.parameter_info.parser = _within(parse, desc.parameter_info.min, desc.parameter_info.max)
+
+
+def _within(parse, low, high):
+    """``parse``, then the option's own min= and max= (a parser replaces Typer's checks)."""
+    def parser(text):
+        value = parse(text)
+        if low is not None and value < low:
+            raise ValueError(f"{value} is below the minimum, {low}")
+        if high is not None and value > high:
+            raise ValueError(f"{value} is above the maximum, {high}")
+        return value
+
+    return parser
+
+
+def _integer(text):
+    if isinstance(text, int):
+        return text
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+
+
+def _finite(text):
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+def _option_metavar(param) -> str:
+    desc = param.type_descriptor
+    if desc.is_choice:
+        return "[" + "|".join(str(getattr(c, "value", c)) for c in desc.choices) + "]"
     annotation = desc.annotation
     while getattr(annotation, "__args__", None):  # Optional[list[str]] -> str
         annotation = next(a for a in annotation.__args__ if a is not type(None))
