@@ -18,9 +18,10 @@ def _run(tmp_path, *args) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("shape", ["gpt2-tiny", "llama-tiny", "neox-tiny"])
-def test_run_prints_every_row(tmp_path, shape):
-    out = _run(tmp_path, str(BENCH / "run.py"), "--quick", "--shape", shape)
+def test_run_prints_every_row(tmp_path):
+    """The whole bench on one shape (each run spends ~20 s starting processes to time a
+    cold start); the other families' shapes are checked to build and load below."""
+    out = _run(tmp_path, str(BENCH / "run.py"), "--quick", "--shape", "gpt2-tiny")
     for row in ("decode tok/s, batch 1", "decode tok/s, batch 16", "beam-4 step / greedy step",
                 "prefill tok/s, 512-token prompt", "`run -n 1` minus `import torch`", "peak RSS MB",
                 "bandwidth bound", "fraction of the bound"):
@@ -36,3 +37,17 @@ def test_batch_throughput_runs(tmp_path):
 def test_sampler_bench_runs(tmp_path):
     out = _run(tmp_path, str(BENCH / "sampler.py"), "--vocab", "300", "--rows", "1,2", "--steps", "2", "--repeats", "1")
     assert "mirostat 2" in out and "draw (the default chain, T=1)" in out
+
+
+@pytest.mark.parametrize("shape", ["llama-tiny", "neox-tiny"])
+def test_every_bench_shape_builds_and_loads(tmp_path, monkeypatch, shape):
+    import importlib.util
+
+    from llmgen.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("LLMGEN_BENCH_CACHE", str(tmp_path))
+    spec = importlib.util.spec_from_file_location("bench_checkpoints", BENCH / "checkpoints.py")  # tests/ has its own
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ckpt = load_checkpoint(bench.checkpoint(shape), device="cpu")
+    assert ckpt.model.cfg.n_layer == 2 and ckpt.encode("the clocks")

@@ -93,9 +93,9 @@ def test_a_template_cannot_load_another(model, capsys, tag):
 
 @pytest.mark.parametrize("template,expected", [
     ("{% for i in range(4000) %}{% for j in range(4000) %}{% for k in range(4000) %}{% endfor %}{% endfor %}{% endfor %}",
-     "still running after 3 s"),
+     "still running after 0.5 s"),
     ("{% set big = range(4000) | list %}{% for i in big %}{% for j in big %}{% for k in big %}{% endfor %}{% endfor %}{% endfor %}",
-     "still running after 3 s"),
+     "still running after 0.5 s"),
     ("{% for i in range(10**9) %}{% endfor %}", "range() is given a number over"),
     ("{{ 'x' * 10**8 }}", "builds a value of over"),
     ("{% set s = 'x' * 10**8 %}", "builds a value of over"),
@@ -109,7 +109,10 @@ def test_a_template_cannot_load_another(model, capsys, tag):
     ("{{ 7 ** (10 ** 10) }}", "builds a number of over 4096 bits"),
     ("{% set ns = namespace(n=3) %}{% for i in range(64) %}{% set ns.n = ns.n * ns.n %}{% endfor %}", "over 4096 bits"),
 ])
-def test_a_runaway_template_is_stopped(model, capsys, template, expected):
+def test_a_runaway_template_is_stopped(model, capsys, monkeypatch, template, expected):
+    from llmgen import template_sandbox
+
+    monkeypatch.setattr(template_sandbox, "SECONDS", 0.5)  # the bound is 3 s; the suite need not wait for it
     _template(model, template)
     start = time.monotonic()
     err = _fails(capsys, _run(model))
