@@ -453,6 +453,7 @@ def exact(
         for rank, h in enumerate(result.hypotheses, 1):  # the tree, shared by all, goes with the first
             _write_json(
                 _record(text, ids, ckpt.decode(h.token_ids), h.token_ids, h.logprobs, h.finish_reason, None,
+                        **orch.forced_records(ckpt, ids, h.token_ids, 0),
                         logprob=h.logprob, rank=rank, expanded=result.expanded, proven=h.proven, mass=result.mass,
                         brute_force_log10=round(result.brute_force_log10, 3),
                         **({"tree": render.search_tree_record(result.tree, ckpt.token_text)} if show_tree and rank == 1 else {}))
@@ -566,7 +567,7 @@ def compare(
     rows = orch.compare(ckpt, ids, {**settings, "max_new_tokens": max_new_tokens}, seed, width, max_expansions, chat)
     if as_json:
         for r in rows:
-            _write_json({"prompt": text, "prompt_token_ids": ids, **r})
+            _write_json({"prompt": text, "prompt_token_ids": ids, **r, **orch.forced_records(ckpt, ids, r["token_ids"], 0)})
         return
     out = render.stdout_console()
     out.print(render.compare_table(rows, out.width), soft_wrap=False)

@@ -112,3 +112,17 @@ def test_color_by_in_a_pipe_is_plain_text(gpt2_dir, capsys):
     assert main(["run", "I like", "--model", str(gpt2_dir[0]), "-n", "3", "-t", "0", "--color-by", "entropy"]) == 0
     out, err = capsys.readouterr()
     assert "\x1b" not in out and err == ""
+
+
+def test_exact_and_compare_records_carry_entropy(gpt2_dir, capsys):
+    model = ["--model", str(gpt2_dir[0]), "-n", "3"]
+    assert main(["run", "I like", *model, "-t", "0", "--ignore-eos", "--json"]) == 0
+    (greedy,) = records(capsys)
+    assert main(["compare", "I like", *model, "--json", "-s", "1"]) == 0
+    rows = records(capsys)
+    assert main(["exact", "I like", *model, "--json"]) == 0
+    for rec in [*rows, *records(capsys)]:
+        assert len(rec["entropy"]) == len(rec["token_ids"])
+    greedy_row = next(r for r in rows if r["strategy"] == "greedy")
+    if greedy_row["token_ids"] == greedy["token_ids"]:
+        assert greedy_row["entropy"] == pytest.approx(greedy["entropy"], abs=1e-4)
