@@ -124,7 +124,20 @@ def _parse_json_record(rec: InputRecord, line: str) -> None:
         rec.error = e.in_record()
 
 
-def base_seed_from(done: dict[int, dict], records: list[InputRecord]) -> int | None:
+def base_seed(seed: int | None, done: dict[int, dict], records: list[InputRecord], todo: list[InputRecord],
+              draw: Callable[[], int]) -> int:
+    """The base a record without its own seed adds its index to: ``--seed``, else the one a
+    previous run used (read back from its records), else a fresh ``draw()``. Refused when
+    base + an index would pass the largest seed, which ``run`` would not take."""
+    base = seed if seed is not None else _base_seed_from(done, records)
+    base = base if base is not None else draw()
+    last = max(r.index for r in todo)
+    if base + last >= 2**63:
+        raise UsageError(f"--seed {base} + a record's index ({last}) passes the largest seed, 2**63 - 1")
+    return base
+
+
+def _base_seed_from(done: dict[int, dict], records: list[InputRecord]) -> int | None:
     """The ``--seed`` base a previous run used, read back from a record that had no seed of its own."""
     for index, out in done.items():
         if isinstance(out.get("seed"), int) and records[index].seed is None:

@@ -319,20 +319,7 @@ def load_checkpoint(
     if not trainable:
         pack_linears(model, rows)
 
-    tok_path = model_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise ModelError(f"{tok_path}: file not found")
-    try:
-        tokenizer = Tokenizer.from_file(str(tok_path))
-    except Exception as e:  # tokenizers raises a bare Exception for malformed files
-        raise ModelError(f"{tok_path}: cannot load tokenizer ({e})") from None
-    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
-    if tokenizer.get_vocab_size() > cfg.vocab_size or largest >= cfg.vocab_size:
-        raise ModelError(
-            f"{tok_path}: tokenizer has {tokenizer.get_vocab_size()} tokens (ids up to {largest}) but the model's "
-            f"vocabulary is {cfg.vocab_size}: they do not belong together"
-        )
-
+    tokenizer = _load_tokenizer(model_dir / "tokenizer.json", cfg.vocab_size)
     gen_path = model_dir / "generation_config.json"
     gen = read_json(gen_path) if gen_path.is_file() else {}
     eos = _token_id(gen.get("eos_token_id", hf_cfg.get("eos_token_id")), cfg.vocab_size)
@@ -350,6 +337,24 @@ def load_checkpoint(
 
 
 SIMPLE_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _load_tokenizer(tok_path: Path, vocab_size: int) -> Tokenizer:
+    """tokenizer.json, refused unless every id it can produce is a row of the model's
+    vocabulary (a sparse id past it was an IndexError at run time)."""
+    if not tok_path.is_file():
+        raise ModelError(f"{tok_path}: file not found")
+    try:
+        tokenizer = Tokenizer.from_file(str(tok_path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise ModelError(f"{tok_path}: cannot load tokenizer ({e})") from None
+    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if tokenizer.get_vocab_size() > vocab_size or largest >= vocab_size:
+        raise ModelError(
+            f"{tok_path}: tokenizer has {tokenizer.get_vocab_size()} tokens (ids up to {largest}) but the model's "
+            f"vocabulary is {vocab_size}: they do not belong together"
+        )
+    return tokenizer
 
 
 def _check_types(cfg, cfg_path: Path) -> None:

@@ -241,14 +241,7 @@ def run(
     out = render.stdout_console()
     shown = _shown_prompt(ckpt, text, ids, echo, show_prompt, chat)
     streaming = not as_json and num_samples == 1 and not show_tree
-    on_token = None
-    if as_json and stream:
-        on_token = _json_events(ckpt)
-    elif streaming:
-        on_token = render.TextStream(out, color_by.value if color_by else None)
-        on_token.prompt(shown)
-        if color_by and render.is_terminal():
-            render.stderr_console().print(render.color_legend(color_by.value))
+    on_token = _run_stream(ckpt, out, shown, color_by) if streaming else (_json_events(ckpt) if as_json and stream else None)
     timings = Timings()
     show_probs = show_probs or (logprobs > 0 and not as_json)  # on a terminal, --logprobs N is the step table
     trace_top = max(logprobs, 6 if show_probs else 0)
@@ -266,6 +259,25 @@ def run(
         out.print(render.samples_tree(prefix_tree(samples), ckpt.decode, text), soft_wrap=False)
     else:
         _print_samples(out, samples, shown, _separator(separator))
+    _run_tables(ckpt, out, samples, timings, show_probs)
+
+
+def _run_stream(ckpt, out, shown: str, color_by):
+    """Plain output as it is generated: the shown prompt, then each piece of text as a
+    token makes it safe (coloured under --color-by, its key on stderr)."""
+    from llmgen import render
+
+    stream = render.TextStream(out, color_by.value if color_by else None)
+    stream.prompt(shown)
+    if color_by and render.is_terminal():
+        render.stderr_console().print(render.color_legend(color_by.value))
+    return stream
+
+
+def _run_tables(ckpt, out, samples, timings, show_probs: bool) -> None:
+    """After the text: the step tables (--show-probs), and the summary on a terminal."""
+    from llmgen import render
+
     if show_probs:
         for s in samples:
             out.print(render.step_table(s, ckpt.token_text, out.width), soft_wrap=False)
@@ -573,6 +585,26 @@ def compare(
     out.print(render.compare_table(rows, out.width), soft_wrap=False)
 
 
+# score's own options
+StrideOpt = Annotated[Optional[int], typer.Option(
+    "--stride", metavar="S", show_default=False,
+    help="A text longer than the context C is scored in windows of C tokens that start every S tokens; each token "
+         "is scored once, with at least C - S tokens before it after the first window. Default: C/2.")]
+KlReferenceOpt = Annotated[Optional[str], typer.Option(
+    "--kl-reference", metavar="MODEL", show_default=False,
+    help="Compare with this model (same tokenizer) token by token: KL(reference || model) mean, 99th percentile "
+         "and max, how often both models' most probable token agree, and both perplexities.")]
+ReferenceDtypeOpt = Annotated[Dtype, typer.Option(
+    "--reference-dtype", help="The --kl-reference model's dtype: float32 whatever --dtype says, so that "
+                              "--dtype bfloat16 --kl-reference the same model measures what bfloat16 costs.")]
+SamplerOpt = Annotated[bool, typer.Option(
+    "--sampler", help="Score under the sampler `llmgen run` would use with these settings (any sampling flag implies "
+                      "it): each token's probability after every stage, and the stage that removed it when that is 0.")]
+SamplerSeedOpt = Annotated[Optional[int], typer.Option(
+    "--seed", "-s", help="With the sampler: the seed of its random stages (XTC), as run's --seed. Default: random, "
+                         "and reported.", show_default=False)]
+
+
 @app.command()
 @with_settings(*SAMPLING)
 def score(
@@ -580,23 +612,11 @@ def score(
     prompt_file: Annotated[Optional[str], typer.Option(
         "--file", "--prompt-file", "-f", metavar="PATH", help="Read TEXT from this file ('-' is stdin).", show_default=False)] = None,
     model: ModelOpt = None,
-    stride: Annotated[Optional[int], typer.Option(
-        "--stride", metavar="S", show_default=False,
-        help="A text longer than the context C is scored in windows of C tokens that start every S tokens; each token "
-             "is scored once, with at least C - S tokens before it after the first window. Default: C/2.")] = None,
-    kl_reference: Annotated[Optional[str], typer.Option(
-        "--kl-reference", metavar="MODEL", show_default=False,
-        help="Compare with this model (same tokenizer) token by token: KL(reference || model) mean, 99th percentile "
-             "and max, how often both models' most probable token agree, and both perplexities.")] = None,
-    reference_dtype: Annotated[Dtype, typer.Option(
-        "--reference-dtype", help="The --kl-reference model's dtype: float32 whatever --dtype says, so that "
-                                  "--dtype bfloat16 --kl-reference the same model measures what bfloat16 costs.")] = Dtype.float32,
-    sampler: Annotated[bool, typer.Option(
-        "--sampler", help="Score under the sampler `llmgen run` would use with these settings (any sampling flag implies "
-                          "it): each token's probability after every stage, and the stage that removed it when that is 0.")] = False,
-    seed: Annotated[Optional[int], typer.Option(
-        "--seed", "-s", help="With the sampler: the seed of its random stages (XTC), as run's --seed. Default: random, "
-                             "and reported.", show_default=False)] = None,
+    stride: StrideOpt = None,
+    kl_reference: KlReferenceOpt = None,
+    reference_dtype: ReferenceDtypeOpt = Dtype.float32,
+    sampler: SamplerOpt = False,
+    seed: SamplerSeedOpt = None,
     errors: ErrorsOpt = Errors.strict,
     chat: Annotated[bool, typer.Option("--chat", help="Score TEXT as the assistant's reply to --reply-to, in the model's chat template.")] = False,
     reply_to: Annotated[Optional[str], typer.Option("--reply-to", help="With --chat: the user's message TEXT answers.", show_default=False)] = None,
@@ -658,10 +678,17 @@ def score(
         labels = [f"{name} ({str(c.dtype).removeprefix('torch.')})" for name, c in ((orch.model_label(model), ckpt), (kl_reference, reference))]
         out.print(render.divergence_table(result, *labels), soft_wrap=False)
         return
+    origin = orch.settings_origin(ckpt, settings, gen) + (f" · seed {gen.seed}" if gen.seed is not None else "") if judged else ""
+    _print_score(out, ckpt, ids, result, judged, origin)
+
+
+def _print_score(out, ckpt, ids: list[int], result, judged: bool, origin: str) -> None:
+    """score's text view: the token table (a summary alone past LONG_TEXT tokens), and
+    under a sampler its verdict and, for a long text, the impossible tokens."""
+    from llmgen import render
+
     scored = result.score if judged else result
     long = scored.n_tokens > render.LONG_TEXT
-    if judged:
-        origin = orch.settings_origin(ckpt, settings, gen) + (f" · seed {gen.seed}" if gen.seed is not None else "")
     if judged and not long:
         out.print(render.sampler_score_table([ckpt.token_text(t) for t in ids], result, origin, out.width), soft_wrap=False)
     elif not long:
@@ -908,10 +935,9 @@ def batch(
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     _check_logprobs(logprobs, prompt_logprobs, True, "batch")
-    if input_path is None:
-        if sys.stdin.isatty():
-            raise UsageError("missing INPUT (a file of prompts, or pipe them in)")
-        input_path = "-"
+    if input_path is None and sys.stdin.isatty():
+        raise UsageError("missing INPUT (a file of prompts, or pipe them in)")
+    input_path = input_path or "-"
     config.GenerationConfig(stop=tuple(stop or ()), seed=seed)  # checked before loading
     system = orch.check_chat(chat, system, chat_template, errors=None)
     options = orch.BatchOptions(settings, seed, tuple(stop or ()), ignore_eos, truncate.value, chat, system, chat_template)
@@ -933,10 +959,7 @@ def batch(
         return
 
     ckpt = orch.load(model, device, dtype.value, threads=threads)
-    base = seed if seed is not None else batching.base_seed_from(done, records)
-    base = base if base is not None else orch.draw_seed()
-    if base + max(r.index for r in todo) >= 2**63:
-        raise UsageError(f"--seed {base} + a record's index ({max(r.index for r in todo)}) passes the largest seed, 2**63 - 1")
+    base = batching.base_seed(seed, done, records, todo, orch.draw_seed)
     if done:
         batching.check_resume(done, orch.batch_jobs(ckpt, [r for r in mine if r.index in done], options, base),
                               orch.model_label(model), output)

@@ -17,23 +17,18 @@ LONG = " ".join(CORPUS[:5])  # ~150 tokens: several windows of 32
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory, tok):
+def small(tmp_path_factory, tokenizer):
     """A GPT-2 with a 32-token context; returns (directory, transformers model, our checkpoint)."""
     path = tmp_path_factory.mktemp("ctx32")
-    ref = build_gpt2(path, n_positions=CONTEXT, tokenizer=tok)
+    ref = build_gpt2(path, n_positions=CONTEXT, tokenizer=tokenizer)
     return path, ref, load_checkpoint(path, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def other(tmp_path_factory, tok):
+def other(tmp_path_factory, tokenizer):
     """Another GPT-2 with the same tokenizer and nearby weights (their top tokens agree at some positions, not all)."""
     path = tmp_path_factory.mktemp("ctx32b")
-    ref = build_gpt2(path, n_positions=CONTEXT, tokenizer=tok, init_scale=0.25)  # the same draws, scaled
+    ref = build_gpt2(path, n_positions=CONTEXT, tokenizer=tokenizer, init_scale=0.25)  # the same draws, scaled
     return path, ref, load_checkpoint(path, device="cpu")
 
 
