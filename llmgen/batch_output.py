@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from llmgen.errors import LlmgenError, OutputClosed
-from llmgen.files import disk_error, fsync_dir
+from llmgen.files import atomic_path, disk_error
 
 RECORD_START = b'{"index": '  # how json.dumps begins every record batch writes
 
@@ -130,19 +130,8 @@ class Output:
     def _rewrite(self, data: bytes) -> None:
         """Replace the file's contents by ``data`` (a new file renamed into place, so a
         kill leaves the old or the new), and lock the new one."""
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, stat.S_IMODE(os.fstat(self.stream.fileno()).st_mode))
-            os.replace(tmp, self.path)
-            fsync_dir(self.path.parent)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise disk_error(self.path, e) from None
+        with atomic_path(self.path, stat.S_IMODE(os.fstat(self.stream.fileno()).st_mode)) as tmp:
+            tmp.write_bytes(data)
         old, self.stream = self.stream, self._open_regular()
         old.close()
 

@@ -285,11 +285,14 @@ def _run_tables(ckpt, out, samples, timings, show_probs: bool) -> None:
         render.stderr_console().print(render.run_summary(samples, timings))
 
 
-def _check_logprobs(n: int, prompt: bool, as_json: bool, command: str) -> None:
+def _check_logprobs(n: int, prompt: bool, as_json: bool, command: str, text_view: bool = True) -> None:
+    """--logprobs and --prompt-logprobs fill JSON records; only run shows --logprobs on a
+    terminal too (``text_view``)."""
     if n < 0:
         raise UsageError(f"--logprobs must be >= 0, got {n}")
-    if prompt and not as_json:
-        raise UsageError(f"--prompt-logprobs goes into the JSON record: add --json (llmgen {command})")
+    for flag, given in (("--prompt-logprobs", prompt), ("--logprobs", n and not text_view)):
+        if given and not as_json:
+            raise UsageError(f"{flag} goes into the JSON records: add --json (llmgen {command})")
 
 
 def _shown_prompt(ckpt, text: str, ids: list[int], echo: bool, show_prompt: bool, chat: bool) -> str:
@@ -387,9 +390,7 @@ def beam(
     from llmgen.decoding.beam import BeamConfig, beam_search
 
     cfg = BeamConfig(width, max_new_tokens, length_penalty, num_return, no_repeat_ngram_size, early_stopping, (), tree_top)
-    _check_logprobs(logprobs, False, as_json, "beam")
-    if logprobs and not as_json:
-        raise UsageError("--logprobs goes into the JSON records: add --json (llmgen beam)")
+    _check_logprobs(logprobs, False, as_json, "beam", text_view=False)
     system = orch.check_chat(chat, system, chat_template, errors.value)
     text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
