@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from llmgen.errors import LlmgenError, ModelError
 from llmgen.models import ARCHITECTURES
 from llmgen.models.linear import PACK_FOR_ROWS, pack_linears
+from llmgen.models.quant import parameter_count, quantize_model, weights_format
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -156,12 +157,13 @@ def describe(ckpt: Checkpoint) -> dict:
         "architecture": ckpt.model_type,
         "family": FAMILIES.get(ckpt.model_type, ckpt.model_type),
         "features": list(getattr(cfg, "features", [])),
-        "parameters": sum(p.numel() for p in ckpt.model.parameters()),
+        "parameters": parameter_count(ckpt.model),
         "layers": getattr(cfg, "n_layer", None),
         "vocab_size": cfg.vocab_size,
         "tokenizer_vocab_size": ckpt.tokenizer.get_vocab_size(),
         "context_length": cfg.context_length,
         "dtype": str(ckpt.dtype).removeprefix("torch."),
+        "weights": weights_format(ckpt.model),
         "device": str(ckpt.device),
         "eos_token_ids": list(ckpt.eos_token_ids),
         "bos_token_id": ckpt.bos_token_id,
@@ -287,7 +289,10 @@ def load_checkpoint(
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: not a model directory")
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    int8 = dtype == "int8"  # float32 activations over int8 weights (models/quant.py)
+    if int8 and (trainable or torch_device.type != "cpu"):
+        raise LlmgenError("--dtype int8 runs on the CPU, for generation only")
+    torch_dtype = torch.float32 if int8 else resolve_dtype(dtype, torch_device)
 
     cfg_path = model_dir / "config.json"
     hf_cfg = read_json(cfg_path)
@@ -316,7 +321,9 @@ def load_checkpoint(
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the model holds the only reference now, so packing below frees each dense weight
     model = model.to(torch_device).eval().requires_grad_(False)
-    if not trainable:
+    if int8:
+        quantize_model(model)
+    elif not trainable:
         pack_linears(model, rows)
 
     tokenizer = _load_tokenizer(model_dir / "tokenizer.json", cfg.vocab_size)

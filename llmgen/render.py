@@ -809,7 +809,7 @@ class BatchProgress(_StderrBar):
 
 
 INFO_KEYS = ("path", "source", "architecture", "family", "features", "parameters", "layers", "vocab_size",
-             "tokenizer_vocab_size", "context_length", "dtype", "device", "eos_token_ids", "bos_token_id",
+             "tokenizer_vocab_size", "context_length", "dtype", "weights", "device", "eos_token_ids", "bos_token_id",
              "generation_defaults", "files")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-GGUF_ARCH = {"llama": "llama", "qwen3": "qwen3", "phi3": "phi3", "olmo2": "olmo2", "gemma": "gemma",
+GGUF_ARCH = {"gpt2": "gpt2", "llama": "llama", "qwen3": "qwen3", "phi3": "phi3", "olmo2": "olmo2", "gemma": "gemma",
              "gemma2": "gemma2", "gemma3_text": "gemma3", "gpt_neox": "gptneox"}
 
 
@@ -30,6 +30,14 @@ def _by_kind(t, heads):
 
 def _metadata(w, cfg, arch: str) -> None:
     c = cfg.to_dict()
+    if arch == "gpt2":
+        w.add_block_count(c["n_layer"])
+        w.add_context_length(c["n_positions"])
+        w.add_embedding_length(c["n_embd"])
+        w.add_feed_forward_length(c.get("n_inner") or 4 * c["n_embd"])
+        w.add_head_count(c["n_head"])
+        w.add_layer_norm_eps(c["layer_norm_epsilon"])
+        return
     layers = c["num_hidden_layers"]
     heads = c["num_attention_heads"]
     w.add_block_count(layers)
@@ -111,11 +119,15 @@ def write_gguf(path: Path, ref, tokenizer=None, qtype=None, sentencepiece=None, 
     _vocabulary(w, tokenizer, sentencepiece, extra_pieces)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
     for name, tensor in ref.state_dict().items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # old GPT-2 checkpoints' causal-mask buffers
         if name in ("lm_head.weight", "embed_out.weight") and cfg.tie_word_embeddings:
             continue  # written once, as the embedding
         gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gname is not None, name
         data = tensor.detach().float().numpy()
+        if arch == "gpt2" and data.ndim == 2 and gname.startswith("blk."):
+            data = data.T  # GPT-2's Conv1D stores [in, out]
         if arch == "llama" and gname.endswith("attn_q.weight"):
             data = _permute(data, cfg.num_attention_heads)
         elif arch == "llama" and gname.endswith("attn_k.weight"):

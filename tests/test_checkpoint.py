@@ -101,7 +101,7 @@ def test_unknown_device_and_dtype(model_dir):
     with pytest.raises(LlmgenError, match="--device"):
         load_checkpoint(model_dir, device="tpu")
     with pytest.raises(LlmgenError, match="--dtype"):
-        load_checkpoint(model_dir, device="cpu", dtype="int8")
+        load_checkpoint(model_dir, device="cpu", dtype="int3")
 
 
 def test_generation_config_is_honoured(model_dir):

@@ -284,6 +284,8 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     """Same interface as ``GPT2``: ``forward(input_ids, positions, cache, attention_mask) -> logits``."""
 
+    TOKEN_EMBEDDING = "embed_tokens"  # the attribute models/quant.py replaces
+
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         if cfg.hidden_act not in ACTIVATIONS:
@@ -294,13 +296,13 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = norm(cfg, cfg.hidden_size)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # None when tied: the head reads embed_tokens (models/quant.py may give it its own)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._inv_freq: dict[tuple[torch.device, bool], torch.Tensor] = {}
         self._sliding = frozenset(cfg.sliding_layers)  # layers that see only the last sliding_window slots
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        p = self.embed_tokens.weight
+        p = self.norm.weight  # the activations' dtype and device (the embedding may be int8)
         return KVCache(self.cfg.num_hidden_layers, batch, self.cfg.num_key_value_heads, max_len, self.cfg.dim, p.dtype, p.device)
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,8 +350,8 @@ class Decoder(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The final norm, the LM head and any logit soft-cap: residual stream -> logits."""
-        head = self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        logits = linear(self.norm(x), head)
+        x = self.norm(x)
+        logits = linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
         if self.cfg.final_softcap:
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits

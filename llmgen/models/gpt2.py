@@ -121,6 +121,8 @@ class GPT2(nn.Module):
     """The decoder. ``forward(input_ids, positions, cache) -> logits`` is the interface
     every architecture in ``llmgen.models`` shares."""
 
+    TOKEN_EMBEDDING = "wte"  # the attribute models/quant.py replaces
+
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__()
         if cfg.activation_function not in ACTIVATIONS:
@@ -130,11 +132,11 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # None when tied: the head reads wte (models/quant.py may give it its own)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        p = self.wte.weight
+        p = self.ln_f.weight  # the activations' dtype and device (wte may be int8)
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_head, max_len, self.cfg.head_dim, p.dtype, p.device)
 
     def forward(
@@ -163,8 +165,8 @@ class GPT2(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The final norm and the LM head: residual stream [B, T, C] -> logits [B, T, V]."""
-        head = self.wte.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        return linear(self.ln_f(x), head)
+        x = self.ln_f(x)
+        return linear(x, self.wte.weight) if self.lm_head is None else self.lm_head(x)
 
     @staticmethod
     def rename_checkpoint(tensors: dict[str, torch.Tensor], cfg: GPT2Config) -> dict[str, tuple[str, torch.Tensor]]:

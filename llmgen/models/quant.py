@@ -1,0 +1,173 @@
+"""Weights held as 8-bit integers, and the one interface every integer kernel sits behind.
+
+Decoding one token at batch 1 streams every weight once, so its speed is the weights'
+size over the memory bandwidth: int8 weights are a quarter of float32's bytes. What
+makes that pay is a kernel that multiplies the integers directly. fbgemm's dynamic
+int8 product (``torch.ops.quantized.linear_dynamic``) does what llama.cpp's Q8_0 path
+does: it quantizes each step's activations to 8 bits too and runs integer dot products
+(VNNI where the CPU has it), then scales the int32 sums back to float.
+
+Weights are symmetric per output row: ``w[o, :] ~ scale[o] * q[o, :]`` with ``q`` in
+[-127, 127], so row ``o`` of the product is ``scale[o] * (q[o] . x)``. The same rows
+serve a tied embedding's lookup, so a tied model keeps one int8 copy for both.
+
+fbgemm's quantized operators are deprecated in torch and will go; everything here
+reaches them through ``Int8Weight`` alone, so a successor (torchao, a oneDNN int8
+product) replaces one class, not the models. Where fbgemm is missing or disagrees
+with the reference, the reference kernel (dequantize, then a float product) keeps
+results right at float speed; ``LLMGEN_INT8_KERNEL=reference`` forces it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNELS = ("fbgemm", "reference")
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` [out, in] as (int8 [out, in], float32 scale [out]), rounding to nearest, so
+    each row's largest magnitude maps to 127 (an all-zero row gets scale 1)."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+@functools.cache
+def kernel() -> str:
+    """The int8 kernel this process uses: fbgemm if this torch has it and it agrees with
+    the reference on a small product, else the reference."""
+    chosen = os.environ.get("LLMGEN_INT8_KERNEL", "fbgemm")
+    if chosen not in KERNELS:
+        raise ValueError(f"LLMGEN_INT8_KERNEL={chosen!r}: expected one of {', '.join(KERNELS)}")
+    if chosen == "reference" or "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "reference"
+    try:
+        gen = torch.Generator().manual_seed(0)
+        w, x = torch.randn(24, 64, generator=gen), torch.randn(3, 64, generator=gen)
+        probe = Int8Weight(*quantize_rows(w), None, kernel_name="fbgemm")
+        got, want = probe.linear(x), Int8Weight(probe.q, probe.scale, None, kernel_name="reference").linear(x)
+        # Activations are quantized to 8 bits too: agreement to ~1% of the output's scale.
+        return "fbgemm" if torch.allclose(got, want, atol=0.02 * float(want.abs().max())) else "reference"
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return "reference"
+
+
+class Int8Weight:
+    """An int8 matrix with one scale per row, and an optional float bias: the only
+    object that knows which kernel multiplies it."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel_name: str | None = None):
+        self.q, self.scale, self.bias = q, scale, bias
+        self.kernel = kernel_name or kernel()
+        self.packed = self._pack() if self.kernel == "fbgemm" else None
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Weight:
+        return cls(*quantize_rows(w), None if bias is None else bias.detach().float())
+
+    def _pack(self):
+        with warnings.catch_warnings():  # "quantized tensors are deprecated": known, see the module docstring
+            warnings.simplefilter("ignore")
+            zero = torch.zeros(self.q.shape[0], dtype=torch.long)
+            qw = torch._make_per_channel_quantized_tensor(self.q, self.scale.double(), zero, 0)
+            return torch.ops.quantized.linear_prepack(qw, self.bias)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ w.T + bias`` for float32 ``x`` [..., in]."""
+        if self.packed is not None:
+            # reduce_range=False: 8-bit activations, which VNNI's int32 accumulation takes
+            # without the int16 saturation that reduce_range guards against on older CPUs.
+            return torch.ops.quantized.linear_dynamic(x, self.packed, False)
+        return F.linear(x, self.dequantize(), self.bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` dequantized: an embedding lookup."""
+        return self.q[ids].float() * self.scale[ids].unsqueeze(-1)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale[:, None]
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + 4 * self.scale.numel() + (0 if self.bias is None else 4 * self.bias.numel())
+
+
+class QuantizedLinear(nn.Module):
+    """A ``Linear`` whose weight is an ``Int8Weight`` (no parameters: it does not train)."""
+
+    def __init__(self, weight: Int8Weight) -> None:
+        super().__init__()
+        self.int8 = weight
+        self.in_features, self.out_features = weight.q.shape[1], weight.q.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.int8.linear(x)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 ({self.int8.kernel})"
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding lookup from int8 rows; a tied model shares them with its head."""
+
+    def __init__(self, weight: Int8Weight) -> None:
+        super().__init__()
+        self.int8 = weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.int8.rows(ids)
+
+
+def quantize_model(model: nn.Module) -> None:
+    """Replace every projection, the LM head and the token embedding (the attribute the
+    model names in ``TOKEN_EMBEDDING``) by int8 ones, in place. A tied model (``lm_head``
+    None) gets a head over the embedding's own int8 rows. Each float weight is freed as
+    its int8 copy is made, so memory never holds both whole models."""
+    from llmgen.models.linear import Linear
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Linear):
+                setattr(parent, name, QuantizedLinear(Int8Weight.from_float(child.weight, child.bias)))
+    table = Int8Weight.from_float(getattr(model, model.TOKEN_EMBEDDING).weight)
+    setattr(model, model.TOKEN_EMBEDDING, QuantizedEmbedding(table))
+    if model.lm_head is None:
+        model.lm_head = QuantizedLinear(table)
+
+
+def int8_weights(model: nn.Module) -> list[Int8Weight]:
+    """The model's int8 matrices, each once (a tied model's table serves two modules)."""
+    found = {}
+    for module in model.modules():
+        if isinstance(getattr(module, "int8", None), Int8Weight):
+            found.setdefault(id(module.int8), module.int8)
+    return list(found.values())
+
+
+def parameter_count(model: nn.Module) -> int:
+    """What the model would count in float: its parameters plus its int8 matrices' entries
+    (a tied table once)."""
+    return sum(w.q.numel() + (0 if w.bias is None else w.bias.numel()) for w in int8_weights(model)) + sum(
+        p.numel() for p in model.parameters())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and int8 matrix (with its scales), each counted once."""
+    return sum(w.nbytes for w in int8_weights(model)) + sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def weights_format(model: nn.Module) -> str:
+    """How the weights are held, for ``llmgen info``: their dtype, or the int8 kernel."""
+    found = int8_weights(model)
+    if found:
+        return f"int8, one scale per row ({found[0].kernel} kernel)"
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
