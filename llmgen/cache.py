@@ -35,8 +35,27 @@ class KVCache:
         self.dtype, self.device = dtype, torch.device(device)
         self.max_len = max_len
         self.length = 0
-        self.k = self.v = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.k = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.v = self.k
         self.key_mask: torch.Tensor | None = None  # [batch, capacity] bool, None = no padding
+
+    # The buffers are (layers, batch, kv heads, capacity, head size); each layer's slice is
+    # taken once whenever a buffer is replaced, not at every write of every step.
+    @property
+    def k(self) -> torch.Tensor:
+        return self._k
+
+    @k.setter
+    def k(self, buffer: torch.Tensor) -> None:
+        self._k, self._k_layers = buffer, buffer.unbind(0)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._v
+
+    @v.setter
+    def v(self, buffer: torch.Tensor) -> None:
+        self._v, self._v_layers = buffer, buffer.unbind(0)
 
     @property
     def capacity(self) -> int:
@@ -81,9 +100,10 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if end > self.capacity:
             self.reserve(end)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self._k_layers[layer], self._v_layers[layer]  # (B, kv, capacity, hs)
+        keys.narrow(2, start, end - start).copy_(k)
+        values.narrow(2, start, end - start).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def attention_mask(self, q_len: int) -> torch.Tensor | None:
         """Boolean ``[batch, 1, q_len, keys]`` mask (True = may attend), or None if all may.

@@ -140,19 +140,19 @@ def rope_inv_freq(cfg: DecoderConfig, device, local: bool = False) -> torch.Tens
     return inv_freq
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding on the first ``cos.shape[-1]`` dimensions of each head; the rest
-    pass through (partial rotary, as GPT-NeoX)."""
+    pass through (partial rotary, as GPT-NeoX).
+
+    ``sin`` comes from ``Decoder.rotary`` with its first half negated, so the usual
+    ``x * cos + cat(-x2, x1) * sin`` is ``x * cos + cat(x2, x1) * sin``: the halves
+    swapped by one flip, the sign folded into a table computed once a step. Same
+    numbers (a negation is exact), three operations where the textbook form takes six."""
     d = cos.shape[-1]
-    if d == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    turned, kept = x[..., :d], x[..., d:]
-    return torch.cat((turned * cos + rotate_half(turned) * sin, kept), dim=-1)
+    turned = x if d == x.shape[-1] else x[..., :d]
+    swapped = turned.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
+    out = torch.addcmul(turned * cos, swapped, sin)
+    return out if d == x.shape[-1] else torch.cat((out, x[..., d:]), dim=-1)
 
 
 def norm(cfg: DecoderConfig, dim: int) -> nn.Module:
@@ -190,16 +190,21 @@ class Attention(nn.Module):
         """``mask`` is this layer's (the decoder narrows it for sliding-window layers);
         None means plain causal attention."""
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        if self.qk_norm == "all":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, self.heads, self.dim)  # (B, T, nh, hs)
-        k = k.view(B, T, self.kv_heads, self.dim)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.kv_heads, self.dim).transpose(1, 2)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        qkv = self.qkv_proj(x)
+        if self.qk_norm:
+            q, k, v = qkv.split(self.sizes, dim=-1)
+            if self.qk_norm == "all":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = q.view(B, T, self.heads, self.dim)  # (B, T, nh, hs)
+            k, v = k.view(B, T, self.kv_heads, self.dim), v.view(B, T, self.kv_heads, self.dim)
+            if self.qk_norm == "head":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        else:  # q and k side by side in one rotation
+            heads = qkv.unflatten(-1, (self.heads + 2 * self.kv_heads, self.dim))  # (B, T, nh + 2 kv, hs)
+            q, k = rotate(heads[:, :, : self.heads + self.kv_heads], cos, sin).split((self.heads, self.kv_heads), dim=2)
+            v = heads[:, :, self.heads + self.kv_heads :]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         if self.softcap:
@@ -309,9 +314,11 @@ class Decoder(nn.Module):
         key = (positions.device, local)
         if key not in self._inv_freq:
             self._inv_freq[key] = rope_inv_freq(self.cfg, positions.device, local)
-        freqs = positions.float()[..., None] * self._inv_freq[key]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, dim]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        freqs = positions.float()[..., None] * self._inv_freq[key]  # (B, T, rotary_dim / 2)
+        sin = freqs.sin()
+        cos = torch.cat((freqs, freqs), dim=-1).cos()
+        sin = torch.cat((-sin, sin), dim=-1)  # negated first half: see rotate
+        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)  # (B, T, 1, rotary_dim): one per head
 
     def forward(
         self,
