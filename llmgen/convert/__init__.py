@@ -22,6 +22,7 @@ from llmgen.convert.metadata import Fields
 from llmgen.convert.vocab import gguf_tokenizer
 from llmgen.errors import LlmgenError, ModelError
 from llmgen.files import atomic_directory, rust_io_error
+from llmgen.models.quant import METHOD, SCALE, quantize_rows
 
 
 def require_gguf():
@@ -39,10 +40,14 @@ def convert(
     out_dir: Path,
     dtype: torch.dtype = torch.bfloat16,
     on_tensor: Callable[[str], None] | None = None,
+    keep_quant: bool = False,
 ) -> dict:
     """Write the converted model into the existing directory ``out_dir``; return its
     config. ``on_tensor`` is called per tensor (progress). Every key and tensor shape is
-    checked against the others before any weight is read."""
+    checked against the others before any weight is read. With ``keep_quant``, each
+    matrix the GGUF stores quantized (Q8_0, Q4_0, Q4_1, K-quants ...) is stored as int8
+    rows with one scale each (``models/quant.py``), a byte a weight instead of four,
+    which ``--dtype int8`` (the default for such a model on CPU) multiplies as integers."""
     reader = open_gguf(gguf_path)
     fields = Fields(reader, gguf_path)
     arch, cfg = gguf_config(fields)
@@ -52,9 +57,15 @@ def convert(
     tensors = {}
     for t in reader.tensors:
         name = arch.hf_name(t.name)
-        tensors[name] = arch.restore(name, _dequantized(gguf_path, t), cfg).to(dtype).contiguous()
+        weight = arch.restore(name, _dequantized(gguf_path, t), cfg)
+        if keep_quant and weight.ndim == 2 and t.tensor_type.name not in FLOAT_TYPES:
+            tensors[name], tensors[name + SCALE] = quantize_rows(weight)
+        else:
+            tensors[name] = weight.to(dtype).contiguous()
         if on_tensor is not None:
             on_tensor(t.name)
+    if any(n.endswith(SCALE) for n in tensors):
+        cfg = {**cfg, "quantization_config": {"quant_method": METHOD, "bits": 8, "scales": "one per row"}}
     _write_model(out_dir, tensors, cfg, dtype, gguf_path.name)
     (out_dir / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
     tok_cfg = {"chat_template": chat_template}
@@ -66,6 +77,9 @@ def convert(
               "name": fields.text("general.name", None), "license": fields.text("general.license", None)}
     _write_json(out_dir / "source.json", {k: v for k, v in source.items() if v})
     return cfg
+
+
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")  # GGUF tensor types that are not quantized
 
 
 def _dequantized(gguf_path: Path, t) -> torch.Tensor:
@@ -100,7 +114,8 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def convert_into(gguf_path: Path, out_dir: Path, dtype: torch.dtype, on_tensor=None, replace: bool = False) -> dict:
+def convert_into(gguf_path: Path, out_dir: Path, dtype: torch.dtype, on_tensor=None, replace: bool = False,
+                 keep_quant: bool = False) -> dict:
     """``convert`` into ``out_dir`` as a whole: refused if it holds anything (files of
     two models would mix) unless ``replace``, and if it is a file or would swallow the
     GGUF itself. Written beside it first, so a failed or interrupted conversion (a full
@@ -108,7 +123,7 @@ def convert_into(gguf_path: Path, out_dir: Path, dtype: torch.dtype, on_tensor=N
     check_destination(gguf_path, out_dir, replace)
     empty = out_dir.is_dir() and not any(out_dir.iterdir())
     with atomic_directory(out_dir, replace=replace or empty) as partial:
-        return convert(gguf_path, partial, dtype, on_tensor)
+        return convert(gguf_path, partial, dtype, on_tensor, keep_quant)
 
 
 def check_destination(gguf_path: Path, out_dir: Path, replace: bool) -> None:

@@ -66,9 +66,26 @@ class Int8Weight:
     object that knows which kernel multiplies it."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel_name: str | None = None):
-        self.q, self.scale, self.bias = q, scale, bias
+        self.shape = tuple(q.shape)
+        self._q, self.scale, self.bias = q, scale, bias
         self.kernel = kernel_name or kernel()
         self.packed = self._pack() if self.kernel == "fbgemm" else None
+        self.keeps_rows = False  # packed, the plain rows are only kept for an embedding's lookups
+
+    @property
+    def q(self) -> torch.Tensor:
+        """The int8 rows: the plain copy, else unpacked from the kernel's layout."""
+        if self._q is not None:
+            return self._q
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
+
+    def drop_rows(self) -> None:
+        """Free the plain int8 rows once packed (the packed copy holds the same numbers);
+        a table that also serves lookups keeps them."""
+        if self.packed is not None and not self.keeps_rows:
+            self._q = None
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Weight:
@@ -91,14 +108,16 @@ class Int8Weight:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` dequantized: an embedding lookup."""
-        return self.q[ids].float() * self.scale[ids].unsqueeze(-1)
+        return self._q[ids].float() * self.scale[ids].unsqueeze(-1)
 
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale[:, None]
 
     @property
     def nbytes(self) -> int:
-        return self.q.numel() + 4 * self.scale.numel() + (0 if self.bias is None else 4 * self.bias.numel())
+        """Bytes held: the packed matrix, the plain rows if kept, the scales and the bias."""
+        copies = (self.packed is not None) + (self._q is not None)
+        return copies * self.shape[0] * self.shape[1] + 4 * self.scale.numel() + (0 if self.bias is None else 4 * self.bias.numel())
 
 
 class QuantizedLinear(nn.Module):
@@ -107,7 +126,8 @@ class QuantizedLinear(nn.Module):
     def __init__(self, weight: Int8Weight) -> None:
         super().__init__()
         self.int8 = weight
-        self.in_features, self.out_features = weight.q.shape[1], weight.q.shape[0]
+        self.out_features, self.in_features = weight.shape
+        weight.drop_rows()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.int8.linear(x)
@@ -122,23 +142,66 @@ class QuantizedEmbedding(nn.Module):
     def __init__(self, weight: Int8Weight) -> None:
         super().__init__()
         self.int8 = weight
+        weight.keeps_rows = True
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.int8.rows(ids)
 
 
-def quantize_model(model: nn.Module) -> None:
+# Int8 at rest (``llmgen convert --keep-quant``): a weight "x.weight" stored as int8 rows,
+# beside "x.weight_scale" (float32, one per row), and config.json's quantization_config
+# naming this method.
+METHOD = "llmgen_int8_rows"
+SCALE = "_scale"
+
+# {parameter name: (checkpoint name, int8 rows, scales)}
+Rows = dict[str, tuple[str, torch.Tensor, torch.Tensor]]
+
+
+def take_rows(renamed: dict[str, tuple[str, torch.Tensor]]) -> Rows:
+    """Move every int8-at-rest weight and its scales out of ``renamed`` (a checkpoint's
+    ``{parameter name: (checkpoint name, tensor)}``), checking that they pair up."""
+    out = {}
+    for name in [n for n in renamed if n.endswith(SCALE)]:
+        scale_name, scale = renamed.pop(name)
+        weight = name.removesuffix(SCALE)
+        if weight not in renamed:
+            raise ValueError(f"tensor {scale_name!r} scales {weight!r}, which the checkpoint does not hold")
+        ckpt_name, q = renamed.pop(weight)
+        if q.dtype is not torch.int8 or q.ndim != 2 or tuple(scale.shape) != (q.shape[0],):
+            raise ValueError(f"tensor {ckpt_name!r} ({q.dtype}, {list(q.shape)}) and its scales {scale_name!r} "
+                             f"({list(scale.shape)}) are not int8 rows with one scale each")
+        out[weight] = (ckpt_name, q, scale.float())
+    return out
+
+
+def dequantize_rows(rows: Rows, dtype: torch.dtype) -> dict[str, tuple[str, torch.Tensor]]:
+    """Int8-at-rest weights as ``dtype`` matrices, for a model loaded in floating point."""
+    return {name: (ckpt_name, (q.float() * scale[:, None]).to(dtype)) for name, (ckpt_name, q, scale) in rows.items()}
+
+
+def quantize_model(model: nn.Module, rows: Rows | None = None) -> None:
     """Replace every projection, the LM head and the token embedding (the attribute the
-    model names in ``TOKEN_EMBEDDING``) by int8 ones, in place. A tied model (``lm_head``
-    None) gets a head over the embedding's own int8 rows. Each float weight is freed as
-    its int8 copy is made, so memory never holds both whole models."""
+    model names in ``TOKEN_EMBEDDING``) by int8 ones, in place: from ``rows`` where the
+    checkpoint held them as int8, else rounded here from the float weight. A tied model
+    (``lm_head`` None) gets a head over the embedding's own int8 rows. Each float weight
+    is freed as its int8 copy is made, so memory never holds both whole models."""
     from llmgen.models.linear import Linear
 
-    for parent in list(model.modules()):
+    rows = rows if rows is not None else {}
+
+    def int8(name: str, module: nn.Module, bias: torch.Tensor | None = None) -> Int8Weight:
+        if name in rows:  # popped, so its plain rows are freed once packed
+            _, q, scale = rows.pop(name)
+            return Int8Weight(q, scale, None if bias is None else bias.detach().float())
+        return Int8Weight.from_float(module.weight, bias)
+
+    for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Linear):
-                setattr(parent, name, QuantizedLinear(Int8Weight.from_float(child.weight, child.bias)))
-    table = Int8Weight.from_float(getattr(model, model.TOKEN_EMBEDDING).weight)
+                full = f"{prefix}.{name}" if prefix else name
+                setattr(parent, name, QuantizedLinear(int8(f"{full}.weight", child, child.bias)))
+    table = int8(f"{model.TOKEN_EMBEDDING}.weight", getattr(model, model.TOKEN_EMBEDDING))
     setattr(model, model.TOKEN_EMBEDDING, QuantizedEmbedding(table))
     if model.lm_head is None:
         model.lm_head = QuantizedLinear(table)
@@ -156,7 +219,7 @@ def int8_weights(model: nn.Module) -> list[Int8Weight]:
 def parameter_count(model: nn.Module) -> int:
     """What the model would count in float: its parameters plus its int8 matrices' entries
     (a tied table once)."""
-    return sum(w.q.numel() + (0 if w.bias is None else w.bias.numel()) for w in int8_weights(model)) + sum(
+    return sum(w.shape[0] * w.shape[1] + (0 if w.bias is None else w.bias.numel()) for w in int8_weights(model)) + sum(
         p.numel() for p in model.parameters())
 
 
