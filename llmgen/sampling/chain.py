@@ -8,6 +8,13 @@ in ``Greedy``; sampling keeps them all and ends in a seeded ``Draw`` (or ``Miros
 A decode loop only ever calls ``choose`` (or ``explain``, which chooses too and says
 what each stage did), ``accept`` and ``keep``; scoring a given text calls ``judge``
 (how probable the chain makes the text's token, and which stage removed it) and ``accept``.
+Speculative decoding adds three: a drafter calls ``propose`` (a token and the q it was
+drawn from) and takes its draft back with ``save``/``restore``; the verifier calls
+``verify`` (keep the drafted token, or choose another, so the token is distributed as
+``choose``'s). Because the verifier goes through a draft one position at a time,
+accepting each token before judging the next, every stage with history (penalties,
+DRY, n-gram bans, min-new-tokens, mirostat's mu) sees exactly the text it would see
+without speculation.
 """
 
 from __future__ import annotations
@@ -100,6 +107,16 @@ class Explanation:
     final: torch.Tensor
     removed_by: list[str | None]
     changed_by: dict[int, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """A sampler's state at one moment (``Sampler.save``): each row's history length and
+    what each stage and the terminal saved."""
+
+    lengths: list[int]
+    stages: list[object]
+    terminal: object
 
 
 class Sampler:
@@ -197,6 +214,34 @@ class Sampler:
                 removed[row] = self.terminal.name
         self.terminal.observe(final, tokens)
         return probs, removed
+
+    def propose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``choose``, and the distribution each row's token was drawn from, ``(rows, vocab)``:
+        what a drafter hands the verifier as q. Call ``accept`` with the tokens."""
+        x = self.process(logits.float())
+        final = self.terminal.distribution(x)  # before choosing: mirostat's choice moves mu
+        return self.terminal.choose(x), final
+
+    def verify(self, logits: torch.Tensor, drafted: list[int], q: torch.Tensor) -> tuple[torch.Tensor, list[bool], torch.Tensor]:
+        """Speculative decoding's step: each row's token given the drafted one (drawn from
+        ``q``, ``(rows, vocab)``), by the terminal's rule (``Terminal.verify``); whether it
+        is the drafted token; and the final distribution p it was judged by. The stages
+        run as in ``choose``. Call ``accept`` with the tokens before the next position."""
+        final = self.distribution(logits)
+        tokens, kept = self.terminal.verify(final, drafted, q.to(final.device))
+        return tokens, kept, final
+
+    def save(self) -> SavedState:
+        """The state that ``accept`` and the terminal's choices change, to ``restore`` later."""
+        return SavedState([len(h) for h in self.rows.history], [s.save() for s in self.stages], self.terminal.save())
+
+    def restore(self, saved: SavedState) -> None:
+        """Take back every token accepted since ``saved`` (same rows, none dropped since).
+        Random generators draw on: a restored draft must not replay its numbers."""
+        self.rows.truncate(saved.lengths)
+        for stage, state in zip(self.stages, saved.stages):
+            stage.restore(state)
+        self.terminal.restore(saved.terminal)
 
     def accept(self, tokens: torch.Tensor | list[int]) -> None:
         tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)

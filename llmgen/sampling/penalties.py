@@ -53,3 +53,9 @@ class Penalties(Stage):
 
     def keep(self, rows: list[int]) -> None:
         self.counts = self.counts[rows]
+
+    def save(self) -> torch.Tensor:
+        return self.counts.clone()
+
+    def restore(self, saved: torch.Tensor) -> None:
+        self.counts = saved.clone()

@@ -4,8 +4,10 @@ A stage is a small object in the manner of llama.cpp's ``llama_sampler_i``: ``ap
 turns a ``[rows, vocab]`` float32 tensor of logits into new logits (a removed token
 becomes ``-inf``; nothing renormalises until the terminal stage), ``accept`` hears the
 token each row chose, and ``keep`` follows the decode loop when finished rows leave
-the batch. A stage that keeps no state of its own inherits the no-op ``accept`` and
-``keep``.
+the batch. ``save`` and ``restore`` let a speculative drafter take tokens back: it
+advances the chain through its draft, then returns it to where the accepted text left
+it. A stage that keeps no state of its own inherits the no-op ``accept``, ``keep``,
+``save`` and ``restore``.
 
 ``Rows`` is what all stages may read about the rows being decoded: each row's tokens so
 far (prompt and output) and its seed. The chain updates it once per step, so stages
@@ -45,6 +47,11 @@ class Rows:
         self.prompt_lengths = [self.prompt_lengths[r] for r in rows]
         self.seeds = [self.seeds[r] for r in rows]
 
+    def truncate(self, lengths: list[int]) -> None:
+        """Each row's history back to its first ``lengths[row]`` tokens (a draft taken back)."""
+        for history, n in zip(self.history, lengths):
+            del history[n:]
+
     def generators(self, salt: int = 0) -> list[torch.Generator]:
         """One fresh generator per row, seeded with the row's seed: a row's draws then
         depend only on its seed, never on which other rows share the batch. A stage with
@@ -75,6 +82,13 @@ class Stage:
     def keep(self, rows: list[int]) -> None:
         """Only these rows go on (in this order); drop the state of the others."""
 
+    def save(self) -> object:
+        """A copy of the state ``accept`` changes, for ``restore``; None when there is none."""
+        return None
+
+    def restore(self, saved: object) -> None:
+        """Back to ``saved``, with ``Rows`` already truncated to where it was saved."""
+
 
 class Terminal:
     """The chain's last stage: turns the processed logits into one token per row."""
@@ -94,8 +108,23 @@ class Terminal:
         as ``choose`` would have, had it drawn them. ``distribution`` is ``distribution``'s
         output for this step."""
 
+    def verify(self, distribution: torch.Tensor, drafted: list[int], q: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+        """Speculative decoding's choice: each row's token given that a drafter proposed
+        ``drafted[row]``, drawn from ``q[row]`` ``(rows, vocab)``; and whether it is the
+        drafted one. ``distribution`` is ``distribution``'s output for this step. The token
+        must be distributed exactly as ``choose``'s would be."""
+        raise NotImplementedError
+
     def keep(self, rows: list[int]) -> None:
         """Only these rows go on; drop the state of the others."""
+
+    def save(self) -> object:
+        """As ``Stage.save``; random generators are not saved, so a restored chain draws
+        on rather than replaying numbers a draft has already used."""
+        return None
+
+    def restore(self, saved: object) -> None:
+        """Back to ``saved``."""
 
 
 def stable_order(logits: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,10 @@
 """The chain's last stage, which picks the token: greedy, or a seeded draw.
 
 As in llama.cpp (``greedy``, ``dist``), choosing is a stage like the others, so no
-decode loop has an "if greedy" branch, and the draw owns its generators.
+decode loop has an "if greedy" branch, and the draw owns its generators. Each terminal
+also knows how to judge a drafted token for speculative decoding (``verify``): greedy
+keeps it when it is the argmax; a draw applies speculative sampling's rule
+(``speculative_rule``) with its own generators, so a seeded run repeats.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ class Greedy(Terminal):
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(dim=-1)
 
+    def verify(self, distribution: torch.Tensor, drafted: list[int], q: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+        tokens = distribution.argmax(-1)
+        return tokens, [t == d for t, d in zip(tokens.tolist(), drafted)]
+
 
 class Draw(Terminal):
     """A draw from softmax(logits), with one generator per row seeded by the row's seed."""
@@ -40,8 +47,36 @@ class Draw(Terminal):
         probs = self.distribution(logits)
         return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)])
 
+    def verify(self, distribution: torch.Tensor, drafted: list[int], q: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+        return speculative_rule(distribution, drafted, q, self.generators)
+
     def keep(self, rows: list[int]) -> None:
         self.generators = [self.generators[r] for r in rows]
+
+
+def speculative_rule(p: torch.Tensor, drafted: list[int], q: torch.Tensor, generators: list[torch.Generator]
+                     ) -> tuple[torch.Tensor, list[bool]]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023), row by row: keep the
+    drafted token x with probability min(1, p(x)/q(x)), else draw from max(0, p - q)
+    renormalised. Whatever q is, the token is then distributed exactly as p: the draft
+    decides how often the model's one pass yields several tokens, never which text.
+
+    ``p`` and ``q`` are ``(rows, vocab)``; a deterministic draft (prompt lookup) is a point
+    mass q, where the rule keeps x with probability p(x) and otherwise draws from p
+    without x. Both random numbers come from the row's generator, so a seed repeats."""
+    tokens, kept = [], []
+    for pr, qr, x, g in zip(p, q, drafted, generators):
+        u = float(torch.rand(1, generator=g, device=g.device))
+        if u * float(qr[x]) < float(pr[x]):  # u < p(x)/q(x), without dividing by a tiny q(x)
+            tokens.append(x)
+            kept.append(True)
+            continue
+        residual = (pr - qr).clamp(min=0)
+        if not residual.sum() > 0:  # p = q up to rounding: rejection had probability 0
+            residual = pr
+        tokens.append(int(torch.multinomial(residual, 1, generator=g)))  # multinomial renormalises
+        kept.append(False)
+    return torch.tensor(tokens, device=p.device), kept
 
 
 class Mirostat(Terminal):
@@ -102,6 +137,11 @@ class Mirostat(Terminal):
         self.observe(dist, tokens.tolist())
         return tokens
 
+    def verify(self, distribution: torch.Tensor, drafted: list[int], q: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+        tokens, kept = speculative_rule(distribution, drafted, q, self.generators)
+        self.observe(distribution, tokens.tolist())
+        return tokens, kept
+
     def observe(self, distribution: torch.Tensor, tokens: list[int]) -> None:
         """Move each row's ``mu`` by the token's surprise. A token the truncation removed
         (a scored text the sampler could not have written) leaves ``mu`` as it was: its
@@ -114,3 +154,9 @@ class Mirostat(Terminal):
     def keep(self, rows: list[int]) -> None:
         self.mu = [self.mu[r] for r in rows]
         self.generators = [self.generators[r] for r in rows]
+
+    def save(self) -> list[float]:
+        return list(self.mu)
+
+    def restore(self, saved: list[float]) -> None:
+        self.mu = list(saved)
