@@ -37,3 +37,12 @@ def six_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("six")
     build_six_word_model(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def other_dir(tmp_path_factory, tokenizer):
+    """Another random GPT-2 over the same tokenizer, one layer deep: a speculative draft
+    model that is mostly wrong."""
+    path = tmp_path_factory.mktemp("draft")
+    build_gpt2(path, tokenizer=tokenizer, seed=1, n_layer=1)
+    return path

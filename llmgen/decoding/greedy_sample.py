@@ -47,7 +47,7 @@ def generate(
     """Continue ``prompt_ids`` ``gen.num_samples`` times; ``trace_top`` > 0 records that many
     alternatives per step; ``timings``, when given, is filled in."""
     check_rows(model, gen.num_samples, len(prompt_ids), gen.max_new_tokens)
-    seeds = [None if gen.sampling.greedy else _need_seed(gen) + i for i in range(gen.num_samples)]
+    seeds = [None if gen.sampling.greedy else need_seed(gen) + i for i in range(gen.num_samples)]
     rows = [Row(prompt_ids, seed, gen.max_new_tokens) for seed in seeds]
     return generate_batch(model, rows, gen, decode, on_token, trace_top, timings)
 
@@ -61,7 +61,7 @@ class Row:
     max_new_tokens: int
 
 
-def _need_seed(gen: GenerationConfig) -> int:
+def need_seed(gen: GenerationConfig) -> int:
     if gen.seed is None:
         raise ValueError("sampling needs a seed; resolve one before calling generate")
     return gen.seed
@@ -88,9 +88,9 @@ def generate_batch(
     ``cached`` ids of a single row, only the rest is prefilled, and the continuation is
     written on into that cache.
     """
-    last = _last_steps(rows, model.cfg.context_length)
+    last = last_steps(rows, model.cfg.context_length)
     device = next(model.parameters()).device
-    clock = _Clock(timings, device)
+    clock = Clock(timings, device)
 
     greedy = gen.sampling.greedy
     sampler = build_sampler(
@@ -118,7 +118,7 @@ def generate_batch(
         for slot, (row, token) in enumerate(zip(live, tokens)):
             at_limit = last[row][1] if step + 1 == last[row][0] else None
             samples[row].entropies.append(entropy[slot])
-            delta = _record_token(samples[row], texts[row], token, chosen[slot], _alternatives(top, slot), stop_ids, at_limit)
+            delta = record_token(samples[row], texts[row], token, chosen[slot], alternatives(top, slot), stop_ids, at_limit)
             if samples[row].finish_reason is None:
                 keep.append(slot)
             if on_token is not None:
@@ -146,7 +146,7 @@ def entropies(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(logprobs.exp()).sum(-1)
 
 
-def _last_steps(rows: list[Row], context: int) -> list[tuple[int, str]]:
+def last_steps(rows: list[Row], context: int) -> list[tuple[int, str]]:
     """Each row's last allowed step and the finish reason it gives: ``length`` when
     max_new_tokens ends the row, ``context`` when the context runs out first."""
     out = []
@@ -176,14 +176,14 @@ def _prefill(model, rows: list[Row], room: int, device, cache=None, cached: int 
     return cache, logits[:, -1].float(), positions[:, -1:] + 1
 
 
-def _alternatives(top, slot: int) -> tuple[Candidate, ...] | None:
+def alternatives(top, slot: int) -> tuple[Candidate, ...] | None:
     """One row's best candidates when tracing (``top`` from ``topk``), else None."""
     if top is None:
         return None
     return tuple(Candidate(t, lp) for t, lp in zip(top.indices[slot].tolist(), top.values[slot].tolist()))
 
 
-class _Clock:
+class Clock:
     """Fills ``timings``, when asked for them, at the phases llama.cpp reports: the
     prefill, the first chosen token, the end."""
 
@@ -215,7 +215,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _record_token(sample: Sample, text: ContinuationText, token: int, logprob: float, alts, stop_ids, at_limit: str | None) -> str:
+def record_token(sample: Sample, text: ContinuationText, token: int, logprob: float, alts, stop_ids, at_limit: str | None) -> str:
     """Append one chosen token to its sample (with its ``alts`` when tracing, else None)
     and say whether it finished (``at_limit``: the finish reason if this was its last
     allowed token); returns the text that became safe to show."""

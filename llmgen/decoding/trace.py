@@ -37,10 +37,56 @@ class Sample:
     seed: int | None = None
     steps: list[Step] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)  # nats, of the model's distribution at each step
+    speculation: Speculation | None = None  # how speculative decoding went, when it was used
 
     @property
     def logprob(self) -> float:
         return sum(self.logprobs)
+
+
+@dataclass
+class Round:
+    """One verification round of speculative decoding: a draft, and the model's one pass over it.
+
+    ``q[i]`` is the probability the drafter gave ``draft[i]`` (1 for a looked-up token);
+    ``p[i]`` the model's, under the sampler's final distribution, for each drafted token
+    it judged: a rejection, or the end of the text, leaves the rest unjudged, so ``p`` may
+    be shorter. The first ``accepted`` drafted tokens were kept; then the model chose
+    ``token_id`` itself, with probability ``token_p``: in place of a rejected draft
+    (``resampled``), or as the bonus after an accepted one. It is None when the text
+    ended among the drafted tokens.
+    """
+
+    draft: list[int]
+    q: list[float]
+    p: list[float] = field(default_factory=list)
+    accepted: int = 0
+    token_id: int | None = None
+    token_p: float | None = None
+    resampled: bool = False
+
+
+@dataclass
+class Speculation:
+    """Speculative decoding's account of one sample: how it drafted and each round.
+    Every round is one pass of the model, so tokens per round is the speed-up in passes."""
+
+    method: str  # "draft-model" or "prompt-lookup"
+    draft_tokens: int  # the most tokens a round drafts (--draft-tokens)
+    rounds: list[Round] = field(default_factory=list)
+
+    @property
+    def drafted(self) -> int:
+        return sum(len(r.draft) for r in self.rounds)
+
+    @property
+    def accepted(self) -> int:
+        return sum(r.accepted for r in self.rounds)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted drafted tokens over all drafted (None when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else None
 
 
 @dataclass
