@@ -108,6 +108,19 @@ ThreadsOpt = Annotated[Optional[int], typer.Option(
     "--threads", min=1, show_default=False,
     help="CPU threads. Default: $LLMGEN_THREADS, else the cores no other process is using right now.")]
 IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-sequence token.")]
+DraftModelOpt = Annotated[Optional[str], typer.Option(
+    "--draft-model", metavar="MODEL", show_default=False,
+    help="Speculative decoding: this smaller model (same vocabulary) drafts tokens and the model checks them all in one pass. "
+         "The output is the model's own: the same tokens when greedy, the same distribution when sampling.")]
+DraftTokensOpt = Annotated[Optional[int], typer.Option(
+    "--draft-tokens", metavar="K", min=1, show_default=False,
+    help="Speculative decoding: the most tokens drafted per round (one pass of the model). Default: 5.")]
+PromptLookupOpt = Annotated[Optional[int], typer.Option(
+    "--prompt-lookup", metavar="N", min=1, show_default=False,
+    help="Speculative decoding without a second model: draft the tokens that followed the last earlier occurrence "
+         "of the text's last N tokens (then N-1, ... 1), in the prompt or the output. Fast on text that repeats itself.")]
+ShowSpeculationOpt = Annotated[bool, typer.Option(
+    "--show-speculation", help="After generating, show each speculative round: the drafted tokens, the model's p and the draft's q, which were kept, and what replaced a rejected one.")]
 
 SAMPLING_NOTE = ("Each sampling setting comes from its flag, else the model's generation_config.json, "
                  "else the default shown (`llmgen info` lists the model's).")
@@ -209,6 +222,10 @@ def run(
     show_prompt: Annotated[bool, typer.Option("--show-prompt", help="Print the exact prompt the model was given (chat template and special tokens included) before the continuation.")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="With --json: one JSON event per token as it is chosen, then the records.")] = False,
     separator: Annotated[Optional[str], typer.Option("--separator", help="Written between samples in plain output (backslash escapes read). Default: a line '---'.", show_default=False)] = None,
+    draft_model: DraftModelOpt = None,
+    draft_tokens: DraftTokensOpt = None,
+    prompt_lookup: PromptLookupOpt = None,
+    show_speculation: ShowSpeculationOpt = False,
     truncate: TruncateOpt = Truncate.none,
     errors: ErrorsOpt = Errors.strict,
     chat: ChatOpt = False,
@@ -228,14 +245,17 @@ def run(
 
     config.GenerationConfig(num_samples=num_samples, stop=tuple(stop or ()), seed=seed)  # checked before loading
     _check_logprobs(logprobs, prompt_logprobs, as_json, "run")
+    orch.check_speculation(draft_model, prompt_lookup, draft_tokens, show_speculation)
     system = orch.check_chat(chat, system, chat_template, errors.value)
     text = orch.read_prompt(prompt, errors.value, prompt_file)
 
     from llmgen import render
     from llmgen.decoding.greedy_sample import generate
+    from llmgen.decoding.speculative import generate_speculative
     from llmgen.decoding.trace import Timings, prefix_tree
 
     ckpt = orch.load(model, device, dtype.value, rows=num_samples, threads=threads)
+    spec = orch.speculation(ckpt, draft_model, prompt_lookup, draft_tokens, dtype.value)
     gen = orch.generation(ckpt, settings, seed=seed, num_samples=num_samples, stop=tuple(stop or ()), ignore_eos=ignore_eos, chat=chat)
     ids = orch.prompt_ids(ckpt, text, truncate.value, gen.max_new_tokens, chat, system, chat_template)
 
@@ -246,13 +266,15 @@ def run(
     timings = Timings()
     show_probs = show_probs or (logprobs > 0 and not as_json)  # on a terminal, --logprobs N is the step table
     trace_top = max(logprobs, 6 if show_probs else 0)
-    samples = generate(ckpt.model, ids, gen, ckpt.decode, on_token=on_token, trace_top=trace_top, timings=timings)
+    decoder = generate if spec is None else functools.partial(generate_speculative, spec=spec)
+    samples = decoder(ckpt.model, ids, gen, ckpt.decode, on_token=on_token, trace_top=trace_top, timings=timings)
 
     if as_json:
         extra = {"model": orch.model_label(model), "settings": config.effective(gen), "timings": timings.record()}
         if prompt_logprobs:
             extra["prompt_logprobs"] = orch.prompt_logprobs(ckpt, ids)
-        _run_records(ckpt, text, ids, samples, extra, show_probs, show_tree, logprobs)
+        drafts = {"draft_model": draft_model} if draft_model else {"prompt_lookup": prompt_lookup}
+        _run_records(ckpt, text, ids, samples, extra, show_probs, show_tree, logprobs, drafts)
         return
     if streaming:
         on_token.end()
@@ -260,7 +282,7 @@ def run(
         out.print(render.samples_tree(prefix_tree(samples), ckpt.decode, text), soft_wrap=False)
     else:
         _print_samples(out, samples, shown, _separator(separator))
-    _run_tables(ckpt, out, samples, timings, show_probs)
+    _run_tables(ckpt, out, samples, timings, show_probs, show_speculation)
 
 
 def _run_stream(ckpt, out, shown: str, color_by):
@@ -275,15 +297,21 @@ def _run_stream(ckpt, out, shown: str, color_by):
     return stream
 
 
-def _run_tables(ckpt, out, samples, timings, show_probs: bool) -> None:
-    """After the text: the step tables (--show-probs), and the summary on a terminal."""
-    from llmgen import render
+def _run_tables(ckpt, out, samples, timings, show_probs: bool, show_speculation: bool = False) -> None:
+    """After the text: the step tables (--show-probs), the speculative rounds
+    (--show-speculation), and the summary on a terminal."""
+    from llmgen import render, render_speculation
 
     if show_probs:
         for s in samples:
             out.print(render.step_table(s, ckpt.token_text, out.width), soft_wrap=False)
+    if show_speculation:
+        for s in samples:
+            out.print(render_speculation.speculation_table(s.speculation, ckpt.token_text, len(s.token_ids), out.width), soft_wrap=False)
     if render.is_terminal(sys.stderr):
         render.stderr_console().print(render.run_summary(samples, timings))
+        if samples[0].speculation is not None:
+            render.stderr_console().print(render_speculation.speculation_summary(samples))
 
 
 def _check_logprobs(n: int, prompt: bool, as_json: bool, command: str, text_view: bool = True) -> None:
@@ -308,16 +336,20 @@ def _shown_prompt(ckpt, text: str, ids: list[int], echo: bool, show_prompt: bool
 
 
 def _run_records(ckpt, text: str, ids: list[int], samples, extra: dict, show_probs: bool, show_tree: bool,
-                 top_logprobs: int = 0) -> None:
+                 top_logprobs: int = 0, drafts: dict | None = None) -> None:
     """``run --json``: a record per sample (with its steps under --show-probs, its
-    top_logprobs under --logprobs N), then the samples' tree under --show-tree."""
-    from llmgen import render
+    top_logprobs under --logprobs N, its speculation, with ``drafts`` saying where they
+    came from, when speculative), then the samples' tree under --show-tree."""
+    from llmgen import render, render_speculation
     from llmgen.decoding.trace import prefix_tree
 
     for s in samples:
         steps = {"steps": render.steps_record(s, ckpt.token_text)} if show_probs else {}
         if top_logprobs:
             steps["top_logprobs"] = render.top_logprobs_record([st.alternatives for st in s.steps], ckpt.token_text, top_logprobs)
+        if s.speculation is not None:
+            steps["speculation"] = {**render_speculation.speculation_record(s.speculation, ckpt.token_text, len(s.token_ids)),
+                                    **(drafts or {})}
         _write_json(_record(text, ids, s.text, s.token_ids, s.logprobs, s.finish_reason, s.seed, entropy=s.entropies,
                             **extra, **steps))
     if show_tree:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmgen import config
-from llmgen.errors import BrokenLogits, LlmgenError, UsageError
+from llmgen.errors import BrokenLogits, LlmgenError, ModelError, UsageError
 
 
 def read_prompt(prompt: str | None, errors: str = "strict", prompt_file: str | None = None) -> str:
@@ -91,6 +91,42 @@ def load(model: str | None, device: str, dtype: str, rows: int | None = None, th
     ckpt = load_checkpoint(default_model_dir(model), device=device, dtype=dtype, **extra)
     BrokenLogits.model = str(ckpt.path)
     return ckpt
+
+
+DRAFT_TOKENS = 5  # drafted tokens per round when --draft-tokens is not given (gpt-fast's default)
+
+
+def check_speculation(draft_model: str | None, prompt_lookup: int | None, draft_tokens: int | None, show: bool) -> None:
+    """The speculative decoding flags' combination, checked before any model loads."""
+    if draft_model is not None and prompt_lookup is not None:
+        raise UsageError("give --draft-model or --prompt-lookup, not both")
+    if draft_model is None and prompt_lookup is None:
+        for flag, given in (("--draft-tokens", draft_tokens is not None), ("--show-speculation", show)):
+            if given:
+                raise UsageError(f"{flag} needs --draft-model or --prompt-lookup")
+
+
+def speculation(ckpt, draft_model: str | None, prompt_lookup: int | None, draft_tokens: int | None, dtype: str):
+    """How to speculate (``decoding.drafts.Speculate``), with the draft model loaded on the
+    model's device; None when neither flag was given. A draft model must give every
+    token the model's id, or its drafts would be other words: it is refused unless its
+    vocabulary is the model's, id for id."""
+    from llmgen.decoding.drafts import Speculate
+
+    k = DRAFT_TOKENS if draft_tokens is None else draft_tokens
+    if prompt_lookup is not None:
+        return Speculate(k, prompt_lookup=prompt_lookup)
+    if draft_model is None:
+        return None
+    from llmgen.checkpoint import default_model_dir, load_checkpoint
+
+    draft = load_checkpoint(default_model_dir(draft_model), device=str(ckpt.device), dtype=dtype, rows=1)
+    ours, theirs = ckpt.tokenizer.get_vocab(with_added_tokens=True), draft.tokenizer.get_vocab(with_added_tokens=True)
+    if draft.model.cfg.vocab_size != ckpt.model.cfg.vocab_size or ours != theirs:
+        raise ModelError(f"{draft.path}: a draft model must share the model's vocabulary, and {ckpt.path}'s differs "
+                         f"({len(theirs):,} tokens in {draft.model.cfg.vocab_size:,} rows against {len(ours):,} in "
+                         f"{ckpt.model.cfg.vocab_size:,}, or other ids)")
+    return Speculate(k, draft_model=draft.model)
 
 
 def prompt_logprobs(ckpt, ids: list[int]) -> list[float | None]:

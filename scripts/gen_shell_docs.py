@@ -27,6 +27,7 @@ MODEL_NAMES = " ".join(sorted(catalog()))
 # What an option's (or argument's) value is: a fixed list, a directory, or a file.
 VALUES = {
     "--model": "model",  # a directory, or a pullable model's name
+    "--draft-model": "model",
     "--device": ["auto", "cpu", "cuda"],
     "--output": "file",
     "--init": "dir",
