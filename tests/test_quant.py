@@ -49,6 +49,70 @@ def test_fbgemm_matches_the_reference(shape):
     assert float((got - want).abs().max()) <= 0.01 * float(want.abs().max())
 
 
+def test_hadamard_blocks_are_orthonormal_and_their_own_inverse():
+    for n in quant.BLOCKS:
+        h = quant.hadamard(n)
+        assert torch.allclose(h @ h, torch.eye(n), atol=1e-6) and torch.equal(h, h.T)
+    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(quant.turn(quant.turn(x, 64), 64), x, atol=1e-5)
+    assert quant.turn_block(576) == 64 and quant.turn_block(96) == 32 and quant.turn_block(48) == 16
+    assert quant.turn_block(50) is None
+
+
+@pytest.mark.parametrize("width", [64, 48, 50])
+def test_turned_rows_stand_for_the_weight(width):
+    """Rounding w H and turning back moves each weight by at most the row's rounding
+    spread over its block: sqrt(block) half-steps (none turned when the width is odd)."""
+    w = torch.randn(30, width, generator=torch.Generator().manual_seed(6))
+    w[:, 3] *= 40  # an outlier column, as models have
+    weight = Int8Weight.from_float(w, kernel_name="reference")
+    block = quant.turn_block(width)
+    assert weight.turned == block
+    bound = (block or 1) ** 0.5 * weight.scale[:, None] / 2 + 1e-6
+    assert bool(((weight.dequantize() - w).abs() <= bound).all())
+    ids = torch.tensor([0, 29, 7])
+    assert torch.allclose(weight.rows(ids), weight.dequantize()[ids], atol=1e-6)
+
+
+@needs_fbgemm
+def test_turning_makes_outlier_inputs_cheap():
+    """An input with one huge channel, as a model's residual stream has: what fbgemm's
+    one scale per input row adds to the weights' own rounding (its product against the
+    same int8 rows multiplied in float) is several times smaller once the input is turned."""
+    gen = torch.Generator().manual_seed(7)
+    w, x = torch.randn(256, 128, generator=gen) * 0.05, torch.randn(1, 128, generator=gen)
+    x[0, 5] = 300.0
+    q, scale = quantize_rows(w)
+
+    def added(weight):
+        return float((weight.linear(x) - x @ weight.dequantize().T).abs().mean())
+
+    plain, turned = Int8Weight(q, scale, None, kernel_name="fbgemm"), Int8Weight.from_float(w, kernel_name="fbgemm")
+    assert plain.turned is None and turned.turned == 64
+    assert added(turned) * 3 < added(plain)
+
+
+@needs_fbgemm
+def test_rows_unlike_in_size_are_quantized_apart():
+    """A row with huge values (a prompt's first token) must not set the scale for the
+    rest: up to PER_ROW rows each get exactly what they would get alone, and a longer
+    batch is multiplied in float, within rounding of the dequantized product."""
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(64, 128, generator=gen)
+    weight = Int8Weight.from_float(w, kernel_name="fbgemm")
+    x = torch.randn(1, quant.PER_ROW, 128, generator=gen)
+    x[0, 0] *= 100
+    together = weight.linear(x)
+    for i in range(quant.PER_ROW):
+        assert torch.equal(together[0, i], weight.linear(x[:, i : i + 1])[0, 0])
+    long = torch.randn(quant.PER_ROW + 3, 128, generator=gen)
+    long[0] *= 100
+    assert torch.allclose(weight.linear(long), long @ weight.dequantize().T, atol=1e-3)
+    alike = torch.randn(3, 128, generator=gen)  # peaks within SHARED_RANGE: one call
+    alike = alike / alike.abs().amax(-1, keepdim=True)
+    assert float((weight.linear(alike) - alike @ w.T).abs().max()) < 0.05 * float((alike @ w.T).abs().max())
+
+
 def test_embedding_rows_are_the_dequantized_rows():
     w = torch.randn(50, 16, generator=torch.Generator().manual_seed(3))
     table = Int8Weight.from_float(w)
