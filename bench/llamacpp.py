@@ -87,7 +87,7 @@ def worker_llmgen(path: str, dtype: str, new_tokens: int, prompt_tokens: int, re
     from llmgen.config import GenerationConfig, SamplingConfig
     from llmgen.decoding.greedy_sample import Row, generate_batch
 
-    ckpt = load_checkpoint(path, device="cpu", dtype=dtype, rows=1)
+    ckpt = load_checkpoint(path, device="cpu", dtype=dtype)
     long = torch.randint(1, 500, (1, prompt_tokens))
 
     def generate(n):

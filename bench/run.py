@@ -123,16 +123,13 @@ def main() -> None:
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     path = checkpoint(args.shape)
-    # Loaded as the commands load it: for one sequence (`run`), and for several (beams, batches).
-    single = load_checkpoint(path, device=args.device, dtype=args.dtype, rows=1)
     ours = load_checkpoint(path, device=args.device, dtype=args.dtype)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     n = args.new_tokens
     greedy = GenerationConfig(max_new_tokens=n, ignore_eos=True, sampling=SamplingConfig(temperature=0))
 
     def ours_gen(batch):
-        model = single.model if batch == 1 else ours.model
-        return lambda: generate_batch(model, [Row(PROMPT, None, n)] * batch, greedy, ours.decode)
+        return lambda: generate_batch(ours.model, [Row(PROMPT, None, n)] * batch, greedy, ours.decode)
 
     def ref_gen(batch, beams=1, **sampling):
         ids = torch.tensor([PROMPT] * batch, device=device)
@@ -141,7 +138,7 @@ def main() -> None:
 
     def ours_sample(**sampling):
         gen = GenerationConfig(max_new_tokens=n, ignore_eos=True, sampling=SamplingConfig(**sampling))
-        return lambda: generate_batch(single.model, [Row(PROMPT, 0, n)], gen, ours.decode)
+        return lambda: generate_batch(ours.model, [Row(PROMPT, 0, n)], gen, ours.decode)
 
     rows = []
     with torch.inference_mode():
@@ -160,7 +157,7 @@ def main() -> None:
         rows.append(("beam-4 step / greedy step", t["beam"] / t["greedy"], t["ref_beam"] / (n / ref1)))
 
         long = torch.randint(1, 500, (1, 512), device=device)
-        t = alternate({"llmgen": lambda: single.model(long, None, single.model.new_cache(1, 513)), "transformers": lambda: ref(long)},
+        t = alternate({"llmgen": lambda: ours.model(long, None, ours.model.new_cache(1, 513)), "transformers": lambda: ref(long)},
                       args.repeats)
         rows.append(("prefill tok/s, 512-token prompt", 512 / t["llmgen"], 512 / t["transformers"]))
 
@@ -172,7 +169,7 @@ def main() -> None:
         torch_rss = peak_rss_mb("import torch")
         load_rss = peak_rss_mb(
             f"import torch; from llmgen.checkpoint import load_checkpoint\n"
-            f"c = load_checkpoint({str(path)!r}, device='cpu', dtype={args.dtype!r}, rows=1)\n"
+            f"c = load_checkpoint({str(path)!r}, device='cpu', dtype={args.dtype!r})\n"
             "with torch.inference_mode(): c.model(torch.tensor([list(range(1, 17))]))"
         )
         rows.append(("peak RSS MB (weights %.0f MB, torch alone %.0f MB)" % (weights_mb, torch_rss), load_rss, None))

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from llmgen.errors import LlmgenError, ModelError
 from llmgen.models import ARCHITECTURES
-from llmgen.models.linear import PACK_FOR_ROWS, pack_linears
+from llmgen.models.linear import pack_linears
 from llmgen.models.quant import METHOD, SCALE, dequantize_rows, parameter_count, quantize_model, take_rows, weights_format
 
 WEIGHTS = "model.safetensors"
@@ -281,11 +281,10 @@ def _token_id(value, vocab_size: int) -> tuple[int, ...]:
 
 def load_checkpoint(
     model_dir: str | os.PathLike, device: str = "auto", dtype: str = "auto", trainable: bool = False,
-    rows: int = PACK_FOR_ROWS,
 ) -> Checkpoint:
     """Load a model for generation, or with ``trainable`` for training: then every weight
-    stays a dense tensor (for generation, CPU float32 projections are packed for oneDNN,
-    in the layout fastest for ``rows`` rows a decode step: 1 for a single sequence)."""
+    stays a dense tensor (for generation, CPU float32 projections are packed for oneDNN;
+    ``--dtype int8`` quantizes them instead)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: not a model directory")
@@ -326,7 +325,7 @@ def load_checkpoint(
         quantize_model(model, at_rest)
     model = model.to(torch_device).eval().requires_grad_(False)
     if not int8 and not trainable:
-        pack_linears(model, rows)
+        pack_linears(model)
 
     tokenizer = _load_tokenizer(model_dir / "tokenizer.json", cfg.vocab_size)
     gen_path = model_dir / "generation_config.json"

@@ -254,7 +254,7 @@ def run(
     from llmgen.decoding.speculative import generate_speculative
     from llmgen.decoding.trace import Timings, prefix_tree
 
-    ckpt = orch.load(model, device, dtype.value, rows=num_samples, threads=threads)
+    ckpt = orch.load(model, device, dtype.value, threads=threads)
     spec = orch.speculation(ckpt, draft_model, prompt_lookup, draft_tokens, dtype.value)
     gen = orch.generation(ckpt, settings, seed=seed, num_samples=num_samples, stop=tuple(stop or ()), ignore_eos=ignore_eos, chat=chat)
     ids = orch.prompt_ids(ckpt, text, truncate.value, gen.max_new_tokens, chat, system, chat_template)
@@ -549,7 +549,7 @@ def probs(
     text = orch.read_prompt(prompt, errors.value, prompt_file)
     from llmgen import render
 
-    ckpt = orch.load(model, device, dtype.value, rows=1, threads=threads)
+    ckpt = orch.load(model, device, dtype.value, threads=threads)
     gen = orch.generation(ckpt, settings, seed=seed, chat=chat)
     ids = orch.prompt_ids(ckpt, text, truncate.value, steps, chat, system, chat_template)
     dists = follow(ckpt.model, ids, gen.sampling, steps, gen.seed, gen.stop_token_ids, gen.tokens)
@@ -772,7 +772,7 @@ def chat(
 
     config.check_seed(seed)
     system = orch.check_chat(True, system, chat_template, errors=None)
-    ckpt = orch.load(model, device, dtype.value, rows=1, threads=threads)
+    ckpt = orch.load(model, device, dtype.value, threads=threads)
     interactive = sys.stdin.isatty()
     session = ChatSession(ckpt, settings, system, seed if seed is not None else orch.draw_seed(), template=chat_template)
     err, out = render.stderr_console(), render.stdout_console()
@@ -1204,7 +1204,7 @@ def lens(
     from llmgen import render
     from llmgen.lens import logit_lens
 
-    ckpt = orch.load(model, device, dtype.value, rows=1, threads=threads)
+    ckpt = orch.load(model, device, dtype.value, threads=threads)
     ids = orch.prompt_ids(ckpt, text, "none", 1, chat, system, chat_template)
     result = logit_lens(ckpt.model, ids, position - 1 if position > 0 else position, top)
     if as_json:

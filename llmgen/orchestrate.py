@@ -79,16 +79,14 @@ def _decode(data: bytes, errors: str | None, source: str) -> str:
         raise LlmgenError(f"{source} is not valid UTF-8 (byte {e.start}){hint}") from None
 
 
-def load(model: str | None, device: str, dtype: str, rows: int | None = None, threads: int | None = None):
-    """The model, laid out for ``rows`` sequences a decode step (None: several), with
-    torch set to ``threads`` threads (None: ``llmgen.threads``' default)."""
+def load(model: str | None, device: str, dtype: str, threads: int | None = None):
+    """The model, with torch set to ``threads`` threads (None: ``llmgen.threads``' default)."""
     from llmgen import threads as cpu_threads
     from llmgen.checkpoint import default_model_dir, load_checkpoint
 
     cpu_threads.use(threads)
 
-    extra = {} if rows is None else {"rows": rows}
-    ckpt = load_checkpoint(default_model_dir(model), device=device, dtype=dtype, **extra)
+    ckpt = load_checkpoint(default_model_dir(model), device=device, dtype=dtype)
     BrokenLogits.model = str(ckpt.path)
     return ckpt
 
@@ -120,7 +118,7 @@ def speculation(ckpt, draft_model: str | None, prompt_lookup: int | None, draft_
         return None
     from llmgen.checkpoint import default_model_dir, load_checkpoint
 
-    draft = load_checkpoint(default_model_dir(draft_model), device=str(ckpt.device), dtype=dtype, rows=1)
+    draft = load_checkpoint(default_model_dir(draft_model), device=str(ckpt.device), dtype=dtype)
     ours, theirs = ckpt.tokenizer.get_vocab(with_added_tokens=True), draft.tokenizer.get_vocab(with_added_tokens=True)
     if draft.model.cfg.vocab_size != ckpt.model.cfg.vocab_size or ours != theirs:
         raise ModelError(f"{draft.path}: a draft model must share the model's vocabulary, and {ckpt.path}'s differs "

@@ -28,7 +28,7 @@ def chat_model(tmp_path_factory):
 def ckpt(chat_model):
     from llmgen.checkpoint import load_checkpoint
 
-    return load_checkpoint(chat_model, device="cpu", rows=1)
+    return load_checkpoint(chat_model, device="cpu")
 
 
 GREEDY = {"temperature": 0, "max_new_tokens": 6}

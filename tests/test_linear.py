@@ -106,32 +106,6 @@ def test_packing_replaces_projections_only_for_generation(gpt2_dir):
     assert not any(p.is_mkldnn for p in trainable.parameters())
 
 
-@needs_onednn
-def test_one_row_layout_gives_the_same_tokens(gpt2_dir, ckpt):
-    """``run`` packs for one row (faster there on wide matrices); the numbers must not move."""
-    single = load_checkpoint(gpt2_dir[0], device="cpu", rows=1)
-    prompts = [ckpt.encode(p) for p in ("I like", "The quick brown fox")]
-    assert _greedy(single, prompts) == _greedy(ckpt, prompts)
-    assert _beam(single, prompts[1]) == _beam(ckpt, prompts[1])
-    with torch.no_grad():
-        a, b = (c.model(torch.tensor([prompts[1]])) for c in (single, ckpt))
-    assert torch.allclose(a, b, atol=1e-5, rtol=0)
-
-
-def test_commands_load_for_the_rows_they_decode(gpt2_dir, monkeypatch, capsys):
-    from llmgen import checkpoint
-    from llmgen.cli import main
-
-    seen, real = [], checkpoint.load_checkpoint
-    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: seen.append(k.get("rows")) or real(*a, **k))
-    model = ["--model", str(gpt2_dir[0])]
-    for argv in (["run", "I like", "-n", "2"], ["run", "I like", "-n", "2", "--num-samples", "3"], ["probs", "I like"],
-                 ["beam", "I like", "-n", "2"]):
-        assert main([*argv, *model]) == 0
-    capsys.readouterr()
-    assert seen == [1, 3, 1, None]  # None: the default, several rows
-
-
 def test_switch_off_with_environment(monkeypatch):
     monkeypatch.setenv("LLMGEN_ONEDNN", "0")
     onednn_available.cache_clear()
