@@ -27,7 +27,7 @@ _llmgen() {
         --chat-template) return ;;
         --threads) return ;;
         --device) COMPREPLY=($(compgen -W "auto cpu cuda" -- "$cur")); return ;;
-        --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16 int8" -- "$cur")); return ;;
+        --dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16 int8 int4" -- "$cur")); return ;;
         --max-new-tokens|-n) return ;;
         --temperature|-t) return ;;
         --top-k|-k) return ;;
@@ -69,7 +69,7 @@ _llmgen() {
         --file|--prompt-file|-f) return ;;
         --stride) return ;;
         --kl-reference) return ;;
-        --reference-dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16 int8" -- "$cur")); return ;;
+        --reference-dtype) COMPREPLY=($(compgen -W "auto float32 bfloat16 float16 int8 int4" -- "$cur")); return ;;
         --reply-to) return ;;
         --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --batch-size|-b) return ;;

@@ -265,7 +265,7 @@ def read_tensors(files: list[Path], dtype: torch.dtype) -> tuple[dict[str, torch
                 # so peak memory is the weights plus one tensor, not the weights twice.
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     t = f.get_tensor(name)
-                scales = name.endswith(SCALE)  # int8 rows' scales stay float32 whatever the dtype
+                scales = name.endswith(SCALE)  # quantized weights' scales stay as stored whatever the dtype
                 tensors[name] = t.to(dtype) if t.is_floating_point() and not scales else t
                 origin[name] = path
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
@@ -284,15 +284,15 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Load a model for generation, or with ``trainable`` for training: then every weight
     stays a dense tensor (for generation, CPU float32 projections are packed for oneDNN;
-    ``--dtype int8`` quantizes them instead)."""
+    ``--dtype int8`` or ``int4`` quantizes them instead)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: not a model directory")
     torch_device = resolve_device(device)
     cfg_path = model_dir / "config.json"
     hf_cfg = read_json(cfg_path)
-    int8 = _int8(dtype, hf_cfg, torch_device, trainable)  # float32 activations over int8 weights (models/quant.py)
-    torch_dtype = torch.float32 if int8 else resolve_dtype(dtype, torch_device)
+    quantized = _quantized_kind(dtype, hf_cfg, torch_device, trainable)  # float32 activations, integer weights (models/quant.py)
+    torch_dtype = torch.float32 if quantized else resolve_dtype(dtype, torch_device)
     model_type = hf_cfg.get("model_type")
     if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
@@ -311,20 +311,20 @@ def load_checkpoint(
     tensors, origin = read_tensors(files, torch_dtype)
     try:
         renamed = model_cls.rename_checkpoint(tensors, cfg)
-        at_rest = take_rows(renamed)  # int8 weights as convert --keep-quant stored them
+        at_rest = take_rows(renamed)  # quantized weights as convert --keep-quant stored them
     except ValueError as e:  # a tensor missing from, or misshapen in, a group the model stacks
         raise ModelError(f"{model_dir}: {e}") from None
     del tensors  # from here each original is referenced once, so it is freed as it is copied
-    if not int8:
+    if not quantized:
         renamed.update(dequantize_rows(at_rest, torch_dtype))
         at_rest = {}
     state = _checked_state_dict(model, renamed, origin, model_dir, held=at_rest)
     model.load_state_dict(state, strict=not at_rest, assign=True)  # held weights: checked, installed below
     del state  # the model holds the only reference now, so packing below frees each dense weight
-    if int8:
-        quantize_model(model, at_rest)
+    if quantized:
+        quantize_model(model, at_rest, quantized)
     model = model.to(torch_device).eval().requires_grad_(False)
-    if not int8 and not trainable:
+    if not quantized and not trainable:
         pack_linears(model)
 
     tokenizer = _load_tokenizer(model_dir / "tokenizer.json", cfg.vocab_size)
@@ -477,26 +477,30 @@ def _skip_init():
             setattr(torch.nn.init, name, fn)
 
 
-def _int8(dtype: str, hf_cfg: dict, device: torch.device, trainable: bool) -> bool:
-    """Whether to load int8 weights: asked for, or (``auto``) stored so by convert --keep-quant."""
+def _quantized_kind(dtype: str, hf_cfg: dict, device: torch.device, trainable: bool) -> str | None:
+    """How to load integer weights: "int8" or "int4" when asked for, "auto" (each as
+    stored) for a model stored so by convert --keep-quant; None for float weights."""
     stored = isinstance(hf_cfg.get("quantization_config"), dict) and hf_cfg["quantization_config"].get("quant_method") == METHOD
-    if dtype == "int8" and (trainable or device.type != "cpu"):
-        raise LlmgenError("--dtype int8 runs on the CPU, for generation only")
-    return dtype == "int8" or (dtype == "auto" and stored and device.type == "cpu" and not trainable)
+    if dtype in ("int8", "int4") and (trainable or device.type != "cpu"):
+        raise LlmgenError(f"--dtype {dtype} runs on the CPU, for generation only")
+    if dtype in ("int8", "int4"):
+        return dtype
+    return "auto" if dtype == "auto" and stored and device.type == "cpu" and not trainable else None
 
 
 def _checked_state_dict(model, renamed, origin, model_dir, held=None) -> dict[str, torch.Tensor]:
     """Match checkpoint tensors to parameters by name and shape, naming the first mismatch.
-    ``held`` (quant.Rows) are int8 weights checked here and installed by the caller."""
+    ``held`` (quant.Rows) are quantized weights checked here and installed by the caller."""
     expected = {name: p.shape for name, p in model.state_dict().items()}
     held = held or {}
-    for name, (ckpt_name, t) in [*renamed.items(), *((n, (c, q)) for n, (c, q, _) in held.items())]:
+    for name, (ckpt_name, shape) in [*((n, (c, t.shape)) for n, (c, t) in renamed.items()),
+                                     *((n, (h.ckpt_name, h.shape)) for n, h in held.items())]:
         path = origin[ckpt_name]
         if name not in expected:
             raise ModelError(f"{path}: unexpected tensor {ckpt_name!r} for this model_type")
-        if tuple(t.shape) != tuple(expected[name]):
+        if tuple(shape) != tuple(expected[name]):
             raise ModelError(
-                f"{path}: tensor {ckpt_name!r} has shape {list(t.shape)}, config.json implies {list(expected[name])}"
+                f"{path}: tensor {ckpt_name!r} has shape {list(shape)}, config.json implies {list(expected[name])}"
             )
     missing = sorted(set(expected) - set(renamed) - set(held))
     if missing:

@@ -43,6 +43,7 @@ class Dtype(str, Enum):
     bfloat16 = "bfloat16"
     float16 = "float16"
     int8 = "int8"
+    int4 = "int4"
 
 
 class StoreDtype(str, Enum):
@@ -83,7 +84,7 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help="Model directory (Hugging Face layout) or pulled model name. Default: $LLMGEN_MODEL, else the embedded model."),
 ]
 DeviceOpt = Annotated[str, typer.Option(callback=_device, help="auto, cpu, cuda or cuda:N. auto picks CUDA when available.")]
-DtypeOpt = Annotated[Dtype, typer.Option(help="auto: float32 on CPU, bfloat16 on CUDA. int8: weights quantized at load to 8 bits, one scale per row, and multiplied as integers (CPU only; a quarter of the bytes to stream per token, so faster decode; logits close to, not equal to, float32's).")]
+DtypeOpt = Annotated[Dtype, typer.Option(help="auto: float32 on CPU, bfloat16 on CUDA. int8: weights quantized at load to 8 bits, one scale per row, and multiplied as integers (CPU only; a quarter of the bytes to stream per token, so faster decode; logits close to, not equal to, float32's). int4: llama.cpp's Q4_0 (4 bits, one scale per 32 weights), an eighth of the bytes, less exact. A model converted with --keep-quant loads as stored.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON records instead of text.")]
 LogprobsOpt = Annotated[int, typer.Option("--logprobs", metavar="N", help="Each record's top_logprobs: the N most probable tokens at every step, under the model's unmodified distribution (as OpenAI and vLLM name it).")]
 PromptLogprobsOpt = Annotated[bool, typer.Option("--prompt-logprobs", help="Each record's prompt_logprobs: every prompt token's logprob given those before it (the first is null).")]
@@ -1017,9 +1018,10 @@ def _stop_on_invalid(input_path: str, records, skip_invalid: bool) -> None:
 
 
 KeepQuantOpt = Annotated[bool, typer.Option(
-    "--keep-quant", help="Store each matrix the GGUF holds quantized (Q8_0, Q4_0, Q4_1, K-quants) as int8 rows with one "
-                         "scale each: a byte a weight instead of --dtype's two or four. Such a model loads as --dtype int8 "
-                         "on CPU unless another --dtype is given.")]
+    "--keep-quant", help="Keep the GGUF's Q4_0 matrices as they are (4-bit blocks, bit for bit) and store each other "
+                         "matrix it holds quantized (Q8_0, Q4_1, K-quants) as int8 rows with one scale each: half a byte "
+                         "or a byte a weight instead of --dtype's two or four. Such a model loads with its matrices as "
+                         "stored (the int4 and int8 kernels) on CPU unless another --dtype is given.")]
 
 
 @app.command()

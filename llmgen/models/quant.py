@@ -12,7 +12,8 @@ Weights are symmetric per output row: ``w[o, :] ~ scale[o] * q[o, :]`` with ``q`
 serve a tied embedding's lookup, so a tied model keeps one int8 copy for both.
 
 fbgemm's quantized operators are deprecated in torch and will go; everything here
-reaches them through ``Int8Weight`` alone, so a successor (torchao, a oneDNN int8
+reaches them through ``Int8Weight`` alone (and the 4-bit kernel through
+``quant4.Int4Weight``, which has the same interface), so a successor (torchao, a oneDNN int8
 product) replaces one class, not the models. Where fbgemm is missing or disagrees
 with the reference, the reference kernel (dequantize, then a float product) keeps
 results right at float speed; ``LLMGEN_INT8_KERNEL=reference`` forces it.
@@ -23,18 +24,15 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from llmgen.models import quant4
+from llmgen.models.quant4 import Int4Weight
+
 KERNELS = ("fbgemm", "reference")
-# How rows of one product are quantized (see Int8Weight.linear): together while their
-# peaks are within this factor of each other (at most a bit lost), else one at a time up
-# to PER_ROW rows, else not at all (a float product on the dequantized matrix).
-SHARED_RANGE = 2.0
-PER_ROW = 4
-
-
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` [out, in] as (int8 [out, in], float32 scale [out]), rounding to nearest, so
     each row's largest magnitude maps to 127 (an all-zero row gets scale 1)."""
@@ -144,11 +142,9 @@ class Int8Weight:
         fbgemm quantizes its whole input with one scale. Rows of like magnitude can share
         it, but a prompt's first token, where models keep huge "attention sink"
         activations, would crush every other row's values to a few levels (SmolLM2
-        scoring a paragraph: KL 0.59 from float32, against 0.004 with float activations).
-        So rows share one call only while their peaks are within ``SHARED_RANGE`` of each
-        other; else up to ``PER_ROW`` rows go one at a time (each streams the int8 matrix
-        again, still no more bytes than float32 once), and more, as in a prefill, are
-        multiplied by the dequantized matrix in float, a cost the many rows share."""
+        scoring a paragraph: KL 0.59 from float32, against 0.004 with rows apart). So the
+        rows are grouped by the power of two of their peak, and each group is one call:
+        a decode step is one row and one call, a prefill a handful of calls."""
         if self.packed is None:
             from llmgen.models.linear import linear
 
@@ -156,17 +152,18 @@ class Int8Weight:
         if self.turned:
             x = turn(x, self.turned)
         rows = x.numel() // x.shape[-1]
-        if rows > 1:
-            flat = x.reshape(rows, x.shape[-1])
-            peaks = flat.abs().amax(-1)
-            if float(peaks.max()) > SHARED_RANGE * float(peaks.min()):
-                if rows > PER_ROW:  # x is turned already: multiply by the turned rows
-                    from llmgen.models.linear import linear
-
-                    return linear(x, self._dequantized_rows(), self.bias)
-                out = torch.cat([self._fbgemm(r) for r in flat.split(1)])
-                return out.view(*x.shape[:-1], self.shape[0])
-        return self._fbgemm(x)
+        if rows == 1:
+            return self._fbgemm(x)
+        flat = x.reshape(rows, x.shape[-1])
+        octave = torch.frexp(flat.abs().amax(-1)).exponent  # (rows,): peak in [2^(e-1), 2^e)
+        groups = torch.unique(octave)
+        if len(groups) == 1:
+            return self._fbgemm(x)
+        out = torch.empty(rows, self.shape[0])
+        for e in groups.tolist():
+            at = (octave == e).nonzero().squeeze(1)
+            out[at] = self._fbgemm(flat[at])
+        return out.view(*x.shape[:-1], self.shape[0])
 
     def _fbgemm(self, x: torch.Tensor) -> torch.Tensor:
         # reduce_range=False: 8-bit activations, which VNNI's int32 accumulation takes
@@ -178,12 +175,9 @@ class Int8Weight:
         out = self._q[ids].float() * self.scale[ids].unsqueeze(-1)
         return turn(out, self.turned) if self.turned else out  # H is its own inverse
 
-    def _dequantized_rows(self) -> torch.Tensor:
-        return self.q.float() * self.scale[:, None]
-
     def dequantize(self) -> torch.Tensor:
         """The float matrix these int8 rows stand for (turned back)."""
-        out = self._dequantized_rows()
+        out = self.q.float() * self.scale[:, None]
         return turn(out, self.turned) if self.turned else out
 
     @property
@@ -193,46 +187,103 @@ class Int8Weight:
         return copies * self.shape[0] * self.shape[1] + 4 * self.scale.numel() + (0 if self.bias is None else 4 * self.bias.numel())
 
 
-class QuantizedLinear(nn.Module):
-    """A ``Linear`` whose weight is an ``Int8Weight`` (no parameters: it does not train)."""
+Quantized = Int8Weight | Int4Weight
 
-    def __init__(self, weight: Int8Weight) -> None:
+
+class QuantizedLinear(nn.Module):
+    """A ``Linear`` whose weight is quantized (no parameters: it does not train)."""
+
+    def __init__(self, weight: Quantized) -> None:
         super().__init__()
-        self.int8 = weight
+        self.quantized = weight
         self.out_features, self.in_features = weight.shape
         weight.drop_rows()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.int8.linear(x)
+        return self.quantized.linear(x)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 ({self.int8.kernel})"
+        return f"in={self.in_features}, out={self.out_features}, {FORMATS[type(self.quantized)]} ({self.quantized.kernel})"
 
 
 class QuantizedEmbedding(nn.Module):
-    """An embedding lookup from int8 rows; a tied model shares them with its head."""
+    """An embedding lookup from quantized rows; a tied model shares them with its head."""
 
-    def __init__(self, weight: Int8Weight) -> None:
+    def __init__(self, weight: Quantized) -> None:
         super().__init__()
-        self.int8 = weight
+        self.quantized = weight
         weight.keeps_rows = True
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.int8.rows(ids)
+        return self.quantized.rows(ids)
 
 
-# Int8 at rest (``llmgen convert --keep-quant``): a weight "x.weight" stored as int8 rows,
-# beside "x.weight_scale" (float32, one per row), and config.json's quantization_config
-# naming this method.
+FORMATS = {Int8Weight: "int8, one scale per row", Int4Weight: "Q4_0, one scale per 32 weights"}
+
+# Quantized at rest (``llmgen convert --keep-quant``): a weight "x.weight" stored beside
+# "x.weight_scale", and config.json's quantization_config naming this method. Int8 rows:
+# int8 [out, in] with float32 scales [out]. Q4_0 blocks: uint8 [out, in / 2] (two codes
+# a byte, see quant4.pack_codes) with float16 scales [out, in / 32].
 METHOD = "llmgen_int8_rows"
 SCALE = "_scale"
 
-# {parameter name: (checkpoint name, int8 rows, scales)}
-Rows = dict[str, tuple[str, torch.Tensor, torch.Tensor]]
+
+@dataclass
+class AtRest:
+    """One weight as the checkpoint holds it quantized."""
+
+    ckpt_name: str
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def blocks(self) -> bool:
+        return self.q.dtype is torch.uint8
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The matrix's own shape (two Q4_0 codes share a byte)."""
+        return (self.q.shape[0], self.q.shape[1] * (2 if self.blocks else 1))
+
+    def check(self, scale_name: str) -> None:
+        rows, width = self.shape
+        want = (rows, width // quant4.GROUP) if self.blocks else (rows,)
+        if self.q.dtype not in (torch.int8, torch.uint8) or self.q.ndim != 2 or tuple(self.scale.shape) != want or (
+                self.blocks and width % quant4.GROUP):
+            raise ValueError(f"tensor {self.ckpt_name!r} ({self.q.dtype}, {list(self.q.shape)}) and its scales {scale_name!r} "
+                             f"({list(self.scale.shape)}) are neither int8 rows with one scale each nor Q4_0 blocks")
+
+    def dequantize(self) -> torch.Tensor:
+        if self.blocks:
+            return quant4.dequantize_blocks(quant4.unpack_codes(self.q), self.scale)
+        return self.q.float() * self.scale.float()[:, None]
+
+    def weight(self, kind: str, bias: torch.Tensor | None) -> Quantized:
+        """As a weight of ``kind`` ("int8", "int4", or "auto": as stored). Stored blocks are
+        used as they are; int8 rows are rounded again (turned, see Int8Weight.from_float)."""
+        if kind == "int4" or (kind == "auto" and self.blocks):
+            if self.blocks:
+                return Int4Weight(quant4.unpack_codes(self.q), self.scale, bias)
+            return _float_weight(self.dequantize(), bias, kind)
+        if turn_block(self.shape[1]) is None and not self.blocks:
+            return Int8Weight(self.q, self.scale.float(), bias)
+        return Int8Weight.from_float(self.dequantize(), bias)
+
+
+def stored_columns(name: str, dtype: torch.dtype, width: int) -> int:
+    """How many columns a checkpoint tensor of a ``width``-wide matrix has: Q4_0 blocks'
+    scales one per 32 weights, their codes two a byte, anything else one a weight."""
+    if name.endswith(SCALE):
+        return width // quant4.GROUP
+    return width // 2 if dtype is torch.uint8 else width
+
+
+# {parameter name: the weight as stored}
+Rows = dict[str, AtRest]
 
 
 def take_rows(renamed: dict[str, tuple[str, torch.Tensor]]) -> Rows:
-    """Move every int8-at-rest weight and its scales out of ``renamed`` (a checkpoint's
+    """Move every quantized-at-rest weight and its scales out of ``renamed`` (a checkpoint's
     ``{parameter name: (checkpoint name, tensor)}``), checking that they pair up."""
     out = {}
     for name in [n for n in renamed if n.endswith(SCALE)]:
@@ -241,71 +292,79 @@ def take_rows(renamed: dict[str, tuple[str, torch.Tensor]]) -> Rows:
         if weight not in renamed:
             raise ValueError(f"tensor {scale_name!r} scales {weight!r}, which the checkpoint does not hold")
         ckpt_name, q = renamed.pop(weight)
-        if q.dtype is not torch.int8 or q.ndim != 2 or tuple(scale.shape) != (q.shape[0],):
-            raise ValueError(f"tensor {ckpt_name!r} ({q.dtype}, {list(q.shape)}) and its scales {scale_name!r} "
-                             f"({list(scale.shape)}) are not int8 rows with one scale each")
-        out[weight] = (ckpt_name, q, scale.float())
+        out[weight] = AtRest(ckpt_name, q, scale)
+        out[weight].check(scale_name)
     return out
 
 
 def dequantize_rows(rows: Rows, dtype: torch.dtype) -> dict[str, tuple[str, torch.Tensor]]:
-    """Int8-at-rest weights as ``dtype`` matrices, for a model loaded in floating point."""
-    return {name: (ckpt_name, (q.float() * scale[:, None]).to(dtype)) for name, (ckpt_name, q, scale) in rows.items()}
+    """Quantized-at-rest weights as ``dtype`` matrices, for a model loaded in floating point."""
+    return {name: (held.ckpt_name, held.dequantize().to(dtype)) for name, held in rows.items()}
 
 
-def quantize_model(model: nn.Module, rows: Rows | None = None) -> None:
+def _float_weight(w: torch.Tensor, bias: torch.Tensor | None, kind: str) -> Quantized:
+    """A float matrix rounded to ``kind``; int4 falls back to int8 rows for a width that is
+    not a multiple of Q4_0's block, as llama.cpp's quantizer falls back for such tensors."""
+    bias = None if bias is None else bias.detach().float()
+    if kind == "int4" and quant4.fits(tuple(w.shape)):
+        return Int4Weight.from_float(w, bias)
+    return Int8Weight.from_float(w, bias)
+
+
+def quantize_model(model: nn.Module, rows: Rows | None = None, kind: str = "int8") -> None:
     """Replace every projection, the LM head and the token embedding (the attribute the
-    model names in ``TOKEN_EMBEDDING``) by int8 ones, in place: from ``rows`` where the
-    checkpoint held them as int8, else rounded here from the float weight. A tied model
-    (``lm_head`` None) gets a head over the embedding's own int8 rows. Each float weight
-    is freed as its int8 copy is made, so memory never holds both whole models."""
+    model names in ``TOKEN_EMBEDDING``) by quantized ones of ``kind`` ("int8", "int4",
+    or "auto": each stored weight as it is stored, float ones as int8), in place: from
+    ``rows`` where the checkpoint held them quantized, else rounded here from the float
+    weight. A tied model (``lm_head`` None) gets a head over the embedding's own rows.
+    Each float weight is freed as its quantized copy is made, so memory never holds both
+    whole models."""
     from llmgen.models.linear import Linear
 
     rows = rows if rows is not None else {}
 
-    def int8(name: str, module: nn.Module, bias: torch.Tensor | None = None) -> Int8Weight:
-        if name in rows:  # popped, so its plain rows are freed once packed; turned (and so rounded again) here
-            _, q, scale = rows.pop(name)
-            if turn_block(q.shape[1]) is None:
-                return Int8Weight(q, scale, None if bias is None else bias.detach().float())
-            return Int8Weight.from_float(q.float() * scale[:, None], bias)
-        return Int8Weight.from_float(module.weight, bias)
+    def quantized(name: str, module: nn.Module, bias: torch.Tensor | None = None) -> Quantized:
+        if name in rows:  # popped, so its plain copy is freed once packed
+            return rows.pop(name).weight(kind, None if bias is None else bias.detach().float())
+        return _float_weight(module.weight, bias, kind)
 
     for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Linear):
                 full = f"{prefix}.{name}" if prefix else name
-                setattr(parent, name, QuantizedLinear(int8(f"{full}.weight", child, child.bias)))
-    table = int8(f"{model.TOKEN_EMBEDDING}.weight", getattr(model, model.TOKEN_EMBEDDING))
+                setattr(parent, name, QuantizedLinear(quantized(f"{full}.weight", child, child.bias)))
+    table = quantized(f"{model.TOKEN_EMBEDDING}.weight", getattr(model, model.TOKEN_EMBEDDING))
     setattr(model, model.TOKEN_EMBEDDING, QuantizedEmbedding(table))
     if model.lm_head is None:
         model.lm_head = QuantizedLinear(table)
 
 
-def int8_weights(model: nn.Module) -> list[Int8Weight]:
-    """The model's int8 matrices, each once (a tied model's table serves two modules)."""
+def quantized_weights(model: nn.Module) -> list[Quantized]:
+    """The model's quantized matrices, each once (a tied model's table serves two modules)."""
     found = {}
     for module in model.modules():
-        if isinstance(getattr(module, "int8", None), Int8Weight):
-            found.setdefault(id(module.int8), module.int8)
+        if isinstance(getattr(module, "quantized", None), Int8Weight | Int4Weight):
+            found.setdefault(id(module.quantized), module.quantized)
     return list(found.values())
 
 
 def parameter_count(model: nn.Module) -> int:
-    """What the model would count in float: its parameters plus its int8 matrices' entries
-    (a tied table once)."""
-    return sum(w.shape[0] * w.shape[1] + (0 if w.bias is None else w.bias.numel()) for w in int8_weights(model)) + sum(
+    """What the model would count in float: its parameters plus its quantized matrices'
+    entries (a tied table once)."""
+    return sum(w.shape[0] * w.shape[1] + (0 if w.bias is None else w.bias.numel()) for w in quantized_weights(model)) + sum(
         p.numel() for p in model.parameters())
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and int8 matrix (with its scales), each counted once."""
-    return sum(w.nbytes for w in int8_weights(model)) + sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of every parameter and quantized matrix (with its scales), each counted once."""
+    return sum(w.nbytes for w in quantized_weights(model)) + sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def weights_format(model: nn.Module) -> str:
-    """How the weights are held, for ``llmgen info``: their dtype, or the int8 kernel."""
-    found = int8_weights(model)
+    """How the weights are held, for ``llmgen info``: their dtype, or the quantized formats
+    and kernels (most matrices' first)."""
+    found = quantized_weights(model)
     if found:
-        return f"int8, one scale per row ({found[0].kernel} kernel)"
+        kinds = sorted({type(w) for w in found}, key=lambda k: -sum(isinstance(w, k) for w in found))
+        return " + ".join(f"{FORMATS[k]} ({next(w.kernel for w in found if isinstance(w, k))} kernel)" for k in kinds)
     return str(next(model.parameters()).dtype).removeprefix("torch.")
