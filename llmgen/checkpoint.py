@@ -311,7 +311,7 @@ def load_checkpoint(
     tensors, origin = read_tensors(files, torch_dtype)
     try:
         renamed = model_cls.rename_checkpoint(tensors, cfg)
-        at_rest = take_rows(renamed)  # quantized weights as convert --keep-quant stored them
+        at_rest = take_rows(renamed, _quantization(hf_cfg).get("turned") is True)  # as convert --keep-quant stored them
     except ValueError as e:  # a tensor missing from, or misshapen in, a group the model stacks
         raise ModelError(f"{model_dir}: {e}") from None
     del tensors  # from here each original is referenced once, so it is freed as it is copied
@@ -477,10 +477,15 @@ def _skip_init():
             setattr(torch.nn.init, name, fn)
 
 
+def _quantization(hf_cfg: dict) -> dict:
+    found = hf_cfg.get("quantization_config")
+    return found if isinstance(found, dict) else {}
+
+
 def _quantized_kind(dtype: str, hf_cfg: dict, device: torch.device, trainable: bool) -> str | None:
     """How to load integer weights: "int8" or "int4" when asked for, "auto" (each as
     stored) for a model stored so by convert --keep-quant; None for float weights."""
-    stored = isinstance(hf_cfg.get("quantization_config"), dict) and hf_cfg["quantization_config"].get("quant_method") == METHOD
+    stored = _quantization(hf_cfg).get("quant_method") == METHOD
     if dtype in ("int8", "int4") and (trainable or device.type != "cpu"):
         raise LlmgenError(f"--dtype {dtype} runs on the CPU, for generation only")
     if dtype in ("int8", "int4"):

@@ -235,18 +235,29 @@ def test_keep_quant_stores_int8_rows_of_the_gguf_weights(tmp_path, tokenizer, qt
         gguf_values = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(tensor.float().numpy(), kind), kind))
         q, scale = stored[name], stored[name + quant.SCALE]
         assert q.dtype is torch.int8 and scale.dtype is torch.float32 and scale.shape == (q.shape[0],)
-        assert bool(((q.float() * scale[:, None] - gguf_values).abs() <= scale[:, None] / 2 + 1e-6).all()), name
-        if name.endswith("mlp.down_proj.weight"):  # one product in full: the bound, summed over the row
+        # stored turned (w H, rounded once, as the kernel multiplies it): half a row step
+        # from the GGUF's values turned, and so sqrt(block) half-steps from them turned back
+        block = quant.turn_block(q.shape[1])
+        turned = quant.turn(gguf_values, block)
+        assert bool(((q.float() * scale[:, None] - turned).abs() <= scale[:, None] / 2 + 1e-5).all()), name
+        held = quant.AtRest(name, q, scale, block)
+        bound = block**0.5 * scale[:, None] / 2 + 1e-5
+        assert bool(((held.dequantize() - gguf_values).abs() <= bound).all()), name
+        if name.endswith("mlp.down_proj.weight"):  # one product in full: the turned row's bound, summed
             x = torch.randn(3, q.shape[1], generator=torch.Generator().manual_seed(5))
-            got = Int8Weight(q, scale, None, kernel_name="reference").linear(x)
-            assert bool(((got - x @ gguf_values.T).abs() <= (x.abs().sum(1, keepdim=True) * scale / 2) + 1e-5).all())
+            got = Int8Weight(q, scale, None, kernel_name="reference", turned=block).linear(x)
+            assert bool(((got - x @ gguf_values.T).abs() <= (quant.turn(x, block).abs().sum(1, keepdim=True) * scale / 2)
+                         + 1e-4).all())
 
     int8 = load_checkpoint(tmp_path / "out", device="cpu")  # auto: int8, as stored
     assert describe(int8)["weights"].startswith("int8")
     dense = load_checkpoint(tmp_path / "out", device="cpu", dtype="float32", trainable=True)
     down = dense.model.layers[0].mlp.down_proj.weight
     q, scale = stored["model.layers.0.mlp.down_proj.weight"], stored["model.layers.0.mlp.down_proj.weight_scale"]
-    assert torch.equal(down, q.float() * scale[:, None])
+    assert config["quantization_config"]["turned"] is True
+    assert torch.equal(down, quant.turn(q.float() * scale[:, None], quant.turn_block(q.shape[1])))
+    # loaded as stored: the kernel's rows are the file's, not rounded again
+    assert torch.equal(int8.model.layers[0].mlp.down_proj.quantized.q, q)
     ids = torch.tensor([int8.encode("I like cold coffee")])
     with torch.inference_mode():
         want, got = dense.model(ids)[0], int8.model(ids)[0]

@@ -142,7 +142,7 @@ def test_keep_quant_keeps_q4_0_blocks_bit_for_bit(tmp_path, tokenizer):
     write_gguf(tmp_path / "m.gguf", ref, tokenizer, Q4_0)
     assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "out"), "--keep-quant"]) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": quant.METHOD, "formats": ["q4_0 blocks"]}
+    assert config["quantization_config"] == {"quant_method": quant.METHOD, "formats": ["q4_0 blocks"], "turned": True}
     stored = load_file(tmp_path / "out" / "model.safetensors")
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
     tensors = {t.name: t for t in reader.tensors}

@@ -23,7 +23,7 @@ from llmgen.convert.vocab import gguf_tokenizer
 from llmgen.errors import LlmgenError, ModelError
 from llmgen.files import atomic_directory, rust_io_error
 from llmgen.models import quant4
-from llmgen.models.quant import METHOD, SCALE, quantize_rows
+from llmgen.models.quant import METHOD, SCALE, rows_at_rest
 
 
 def require_gguf():
@@ -64,7 +64,7 @@ def convert(
         if blocks is not None:
             tensors[name], tensors[name + SCALE] = blocks
         elif keep_quant and weight.ndim == 2 and t.tensor_type.name not in FLOAT_TYPES:
-            tensors[name], tensors[name + SCALE] = quantize_rows(weight)
+            tensors[name], tensors[name + SCALE] = rows_at_rest(weight)
         else:
             tensors[name] = weight.to(dtype).contiguous()
         if on_tensor is not None:
@@ -72,7 +72,7 @@ def convert(
     if any(n.endswith(SCALE) for n in tensors):
         formats = sorted({"q4_0 blocks" if tensors[n[: -len(SCALE)]].dtype is torch.uint8 else "int8 rows"
                           for n in tensors if n.endswith(SCALE)})
-        cfg = {**cfg, "quantization_config": {"quant_method": METHOD, "formats": formats}}
+        cfg = {**cfg, "quantization_config": {"quant_method": METHOD, "formats": formats, "turned": True}}
     _write_model(out_dir, tensors, cfg, dtype, gguf_path.name)
     (out_dir / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
     tok_cfg = {"chat_template": chat_template}

@@ -124,10 +124,8 @@ class Int8Weight:
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None, kernel_name: str | None = None) -> Int8Weight:
         """``w`` rounded to int8 rows, turned first where its width allows."""
-        w = w.detach().float()
-        block = turn_block(w.shape[1])
-        return cls(*quantize_rows(turn(w, block) if block else w), None if bias is None else bias.detach().float(),
-                   kernel_name, block)
+        return cls(*rows_at_rest(w.detach()), None if bias is None else bias.detach().float(), kernel_name,
+                   turn_block(w.shape[1]))
 
     def _pack(self):
         with warnings.catch_warnings():  # "quantized tensors are deprecated": known, see the module docstring
@@ -222,7 +220,8 @@ FORMATS = {Int8Weight: "int8, one scale per row", Int4Weight: "Q4_0, one scale p
 
 # Quantized at rest (``llmgen convert --keep-quant``): a weight "x.weight" stored beside
 # "x.weight_scale", and config.json's quantization_config naming this method. Int8 rows:
-# int8 [out, in] with float32 scales [out]. Q4_0 blocks: uint8 [out, in / 2] (two codes
+# int8 [out, in] with float32 scales [out], turned (``rows_at_rest``) where the config's
+# "turned" says so. Q4_0 blocks: uint8 [out, in / 2] (two codes
 # a byte, see quant4.pack_codes) with float16 scales [out, in / 32].
 METHOD = "llmgen_int8_rows"
 SCALE = "_scale"
@@ -230,11 +229,13 @@ SCALE = "_scale"
 
 @dataclass
 class AtRest:
-    """One weight as the checkpoint holds it quantized."""
+    """One weight as the checkpoint holds it quantized. ``turned``: int8 rows stored as
+    ``w H`` (see BLOCKS), the block width of H; None where the rows are ``w`` itself."""
 
     ckpt_name: str
     q: torch.Tensor
     scale: torch.Tensor
+    turned: int | None = None
 
     @property
     def blocks(self) -> bool:
@@ -256,18 +257,27 @@ class AtRest:
     def dequantize(self) -> torch.Tensor:
         if self.blocks:
             return quant4.dequantize_blocks(quant4.unpack_codes(self.q), self.scale)
-        return self.q.float() * self.scale.float()[:, None]
+        rows = self.q.float() * self.scale.float()[:, None]
+        return turn(rows, self.turned) if self.turned else rows  # H is its own inverse
 
     def weight(self, kind: str, bias: torch.Tensor | None) -> Quantized:
-        """As a weight of ``kind`` ("int8", "int4", or "auto": as stored). Stored blocks are
-        used as they are; int8 rows are rounded again (turned, see Int8Weight.from_float)."""
+        """As a weight of ``kind`` ("int8", "int4", or "auto": as stored). Stored blocks and
+        turned rows are used as they are; rows stored unturned (an older convert) are
+        rounded again, turned, where the width allows (see Int8Weight.from_float)."""
         if kind == "int4" or (kind == "auto" and self.blocks):
             if self.blocks:
                 return Int4Weight(quant4.unpack_codes(self.q), self.scale, bias)
             return _float_weight(self.dequantize(), bias, kind)
-        if turn_block(self.shape[1]) is None and not self.blocks:
-            return Int8Weight(self.q, self.scale.float(), bias)
+        if not self.blocks and (self.turned or turn_block(self.shape[1]) is None):
+            return Int8Weight(self.q, self.scale.float(), bias, turned=self.turned)
         return Int8Weight.from_float(self.dequantize(), bias)
+
+
+def rows_at_rest(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` as convert --keep-quant stores int8 rows: turned where the width allows, as
+    the kernel multiplies them, so loading them rounds nothing again."""
+    block = turn_block(w.shape[1])
+    return quantize_rows(turn(w.float(), block) if block else w)
 
 
 def stored_columns(name: str, dtype: torch.dtype, width: int) -> int:
@@ -282,9 +292,10 @@ def stored_columns(name: str, dtype: torch.dtype, width: int) -> int:
 Rows = dict[str, AtRest]
 
 
-def take_rows(renamed: dict[str, tuple[str, torch.Tensor]]) -> Rows:
+def take_rows(renamed: dict[str, tuple[str, torch.Tensor]], turned: bool = False) -> Rows:
     """Move every quantized-at-rest weight and its scales out of ``renamed`` (a checkpoint's
-    ``{parameter name: (checkpoint name, tensor)}``), checking that they pair up."""
+    ``{parameter name: (checkpoint name, tensor)}``), checking that they pair up.
+    ``turned``: the checkpoint says its int8 rows are stored turned (``rows_at_rest``)."""
     out = {}
     for name in [n for n in renamed if n.endswith(SCALE)]:
         scale_name, scale = renamed.pop(name)
@@ -292,7 +303,7 @@ def take_rows(renamed: dict[str, tuple[str, torch.Tensor]]) -> Rows:
         if weight not in renamed:
             raise ValueError(f"tensor {scale_name!r} scales {weight!r}, which the checkpoint does not hold")
         ckpt_name, q = renamed.pop(weight)
-        out[weight] = AtRest(ckpt_name, q, scale)
+        out[weight] = AtRest(ckpt_name, q, scale, turn_block(q.shape[1]) if turned and q.dtype is torch.int8 else None)
         out[weight].check(scale_name)
     return out
 
