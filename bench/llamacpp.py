@@ -3,7 +3,7 @@
     python bench/llamacpp.py [--model smollm2|gpt2-124m|qwen3-0.6b] [--threads 2] [--rounds 3]
                              [--new-tokens 64] [--prompt-tokens 512] [--quick]
 
-For each engine and weight format (llmgen float32, int8 quantized at load, and
+For each engine and weight format (llmgen float32, int8 and int4 quantized at load, and
 llama.cpp's own Q8_0 and Q4_0 files converted with ``--keep-quant``; transformers
 float32; llama.cpp F32, Q8_0 and Q4_0) a fresh process with ``--threads`` threads loads
 the model and measures, greedy with EOS ignored:
@@ -204,23 +204,29 @@ def smollm2() -> tuple[Path, Path]:
     return model_dir, gguf_path
 
 
-def kept(gguf_file: Path) -> Path:
+def kept(gguf_file: Path) -> Path | None:
     """``gguf_file`` converted by ``llmgen convert --keep-quant``: Q4_0 blocks as they are,
-    other quantized matrices as int8 rows."""
+    other quantized matrices as int8 rows; None for an architecture convert does not read
+    (GPT-2: its int4 row, Q4_0 rounded at load by llama.cpp's rule, stands in)."""
     out = gguf_file.with_suffix(".llmgen")
     if not (out / "model.safetensors").is_file():
         import torch
 
         from llmgen.convert import convert_into
+        from llmgen.errors import ModelError
 
-        convert_into(gguf_file, out, torch.float32, replace=True, keep_quant=True)
+        try:
+            convert_into(gguf_file, out, torch.float32, replace=True, keep_quant=True)
+        except ModelError as e:
+            print(f"llmgen convert cannot read {gguf_file.name} ({e}): no 'kept' rows")
+            return None
     return out
 
 
 def random_shape(shape: str) -> tuple[Path, Path]:
     """(directory, F32 GGUF) of a random-weight model of a real shape."""
     sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(HERE.parent / "tests"))
+    sys.path.append(str(HERE.parent / "tests"))  # for gguf_writer; bench's checkpoints.py comes first
     from checkpoints import checkpoint
     from gguf_writer import write_gguf
     from tokenizers import Tokenizer
@@ -290,8 +296,9 @@ def main() -> None:
     else:
         print("llama-cpp-python is not installed (pip install llama-cpp-python): llama.cpp and its quantized files are left out")
     if "llmgen" in engines:
-        runs += [("llmgen float32", "llmgen", "float32", model_dir), ("llmgen int8", "llmgen", "int8", model_dir)]
-        runs += [(f"llmgen {fmt} kept", "llmgen", "auto", kept(files[fmt])) for fmt in ("Q8_0", "Q4_0") if fmt in files]
+        runs += [(f"llmgen {fmt}", "llmgen", fmt, model_dir) for fmt in ("float32", "int8", "int4")]
+        runs += [(f"llmgen {fmt} kept", "llmgen", "auto", path) for fmt in ("Q8_0", "Q4_0")
+                 if fmt in files and (path := kept(files[fmt])) is not None]
     if "transformers" in engines:
         runs.append(("transformers float32", "transformers", "float32", model_dir))
     if "llama.cpp" in engines:

@@ -51,3 +51,14 @@ def test_every_bench_shape_builds_and_loads(tmp_path, monkeypatch, shape):
     spec.loader.exec_module(bench)
     ckpt = load_checkpoint(bench.checkpoint(shape), device="cpu")
     assert ckpt.model.cfg.n_layer == 2 and ckpt.encode("the clocks")
+
+
+def test_llamacpp_bench_runs(tmp_path):
+    """llmgen's rows of the side-by-side bench on a tiny shape; with llama-cpp-python
+    installed (it is no test dependency) llama.cpp's own Q8_0 and Q4_0 files are made
+    and llmgen's rows for them appear too."""
+    out = _run(tmp_path, str(BENCH / "llamacpp.py"), "--quick", "--model", "gpt2-tiny", "--engines", "llmgen")
+    rows = {line.split("  ")[0] for line in out.splitlines()}
+    assert {"llmgen float32", "llmgen int8", "llmgen int4"} <= rows, out
+    if "llama-cpp-python is not installed" not in out:  # GPT-2's GGUF is not convertible: said, and left out
+        assert "no 'kept' rows" in out and "llmgen Q4_0 kept" not in rows, out
