@@ -99,6 +99,8 @@ class Explanation:
     reshapes rather than removes (penalties, temperature), ``final`` the one the token
     is chosen from. ``removed_by[t]`` names the first stage that removed token t (None if
     it survived); ``changed_by[t]`` the stages that moved its logit and kept it.
+    ``stages`` holds each stage's name and the distribution right after it (its logits
+    renormalised), in chain order: how the probabilities move from ``raw`` to ``final``.
     """
 
     order: list[str]
@@ -107,6 +109,7 @@ class Explanation:
     final: torch.Tensor
     removed_by: list[str | None]
     changed_by: dict[int, list[str]] = field(default_factory=dict)
+    stages: list[tuple[str, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ class Sampler:
             final[row],
             removed,
             changed,
+            [(stage.name, torch.softmax(after[i][row], -1)) for i, stage in enumerate(self.stages, 1)],
         )
 
     def judge(self, logits: torch.Tensor, tokens: list[int]) -> tuple[list[float], list[str | None]]:
