@@ -1320,7 +1320,7 @@ def _explore_show(session, out, top: int, as_json: bool, prompt: str) -> None:
     if cands is not None:
         explored = {session.nodes[c].token_id for c in node.children}
         out.print(render_explore.candidates_table(cands, cands.ranked[:top], session.ckpt.token_text, explored), soft_wrap=False)
-        out.print(render_explore.candidates_summary(cands))
+        out.print(render_explore.candidates_summary(cands, session.seed))
 
 
 def _fail(message: str, code: int) -> int:

@@ -37,10 +37,11 @@ def candidate_row(cands, token: int, token_text, explored: bool = False) -> list
             prob_text(final) if final > 0 else "—", cands.removed_by[token] or ""]
 
 
-def candidates_summary(cands) -> Text:
+def candidates_summary(cands, seed: int | None = None) -> Text:
     stages = " → ".join(cands.order)
     return Text(f"entropy {cands.entropy:.3f} nats (model), {cands.final_entropy:.3f} after the sampler · "
-                f"{cands.drawable} of {len(cands.raw)} tokens can be drawn · samplers: {stages}", style="dim")
+                f"{cands.drawable} of {len(cands.raw)} tokens can be drawn · samplers: {stages}"
+                + (f" · seed {seed}" if seed is not None else ""), style="dim")
 
 
 def candidates_table(cands, tokens: list[int], token_text, explored: set[int] = frozenset(), title: str = "") -> Table:

@@ -186,13 +186,13 @@ def test_script_language():
     assert [(a.name, a.args) for a in actions] == [
         ("take", ("text", " a")), ("take", ("id", 7)), ("back", (1,)), ("back", (2,)), ("beam", (2, 5)),
         ("set", ("top-p", "0.9")), ("export", ("t.svg",)), ("show", ())]
-    assert script.parse_one(r"take '\n'").args == ("text", "\n")
+    assert script.parse(r"take '\n'")[0].args == ("text", "\n")
     for bad, why in [("greed 3", "unknown action 'greed'"), ("greedy", "takes 1 number"), ("beam 2", "takes 2 numbers"),
                      ("greedy 0", "must be >= 1"), ("take", "one TEXT"), ("export t.txt", ".json, .svg or .html"),
                      ("take 'a", "No closing quotation"), ("show 3", "takes nothing")]:
         with pytest.raises(UsageError, match=why):
             script.parse(f"take a; {bad}")
-    with pytest.raises(UsageError, match="holds no action"):
+    with pytest.raises(UsageError, match="--script: no action given"):
         script.parse(" ; ")
 
 

@@ -200,14 +200,14 @@ class ExploreApp(App):
         token_text = session.ckpt.token_text
         for token in cands.matching(texts, self.query_text, ROWS):
             table.add_row(*render_explore.candidate_row(cands, token, token_text, token in explored), key=str(token))
-        summary.update(render_explore.candidates_summary(cands))
+        summary.update(render_explore.candidates_summary(cands, session.seed))
 
     # -- keys
 
     @on(DataTable.RowSelected)
     def take_selected(self, event: DataTable.RowSelected) -> None:
         token = int(event.row_key.value)
-        self.run_model("taking a token", lambda s: script.apply(s, script.Action("take", ("id", token), "")))
+        self.run_model("taking a token", lambda s: script.apply(s, script.Action("take", ("id", token), f"take id {token}")))
 
     def action_back(self) -> None:
         self.run_line("back")
@@ -271,19 +271,19 @@ class ExploreApp(App):
             event.stop()
 
     def run_line(self, line: str) -> None:
-        """One action as written (``:``, or a question's answer): checked, then run."""
+        """Actions as written (``:``, or a question's answer; several between ``;``):
+        all checked first, then run in order in one job."""
         try:
-            action = script.parse_one(line.strip())
+            actions = script.parse(line, "action")
         except LlmgenError as e:
             self.show_status(f"error: {e}")
             return
+        self.run_model(actions[0].name, lambda s: "; ".join(self._act(s, a) for a in actions))
+
+    def _act(self, session, action: script.Action) -> str:
         if action.name == "show":
-            self.redraw()
-        elif action.name == "export":
-            try:
-                render_explore.export(self.session, action.args[0], self.prompt)
-                self.show_status(f"wrote {action.args[0]}")
-            except LlmgenError as e:
-                self.show_status(f"error: {e}")
-        else:
-            self.run_model(f"{action.name}", lambda s: script.apply(s, action))
+            return "shown"
+        if action.name == "export":
+            render_explore.export(session, action.args[0], self.prompt)
+            return f"wrote {action.args[0]}"
+        return script.apply(session, action)

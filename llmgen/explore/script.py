@@ -55,16 +55,15 @@ def split(script: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def parse(script: str) -> list[Action]:
-    actions = [parse_one(text, i) for i, text in enumerate(split(script), 1)]
+def parse(script: str, label: str = "--script action") -> list[Action]:
+    """Every action of ``script``; a ``UsageError`` says which (``label`` N, from 1) and why."""
+    actions = [parse_one(text, f"{label} {i} ({text})") for i, text in enumerate(split(script), 1)]
     if not actions:
-        raise UsageError("--script holds no action")
+        raise UsageError(f"{label.split()[0]}: no action given")
     return actions
 
 
-def parse_one(text: str, index: int | None = None) -> Action:
-    """One action; a ``UsageError`` says which one (``index``, counted from 1) and why."""
-    where = f"--script action {index} ({text})" if index is not None else f"'{text}'"
+def parse_one(text: str, where: str) -> Action:
     try:
         words = shlex.split(text)
     except ValueError as e:

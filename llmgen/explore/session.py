@@ -272,6 +272,9 @@ class Session:
         ids = self.ckpt.encode(text, special=False)
         if not ids:
             raise LlmgenError(f"{text!r} encodes to no token")
+        unknown = self.ckpt.vocabulary.unknown_id()
+        if unknown in ids and self.ckpt.token_text(unknown) not in text:
+            raise LlmgenError(f"{text!r} holds text the tokenizer has no token for")
         return ids
 
     def back(self) -> Node:
