@@ -1311,7 +1311,7 @@ def _explore_show(session, out, top: int, as_json: bool, prompt: str) -> None:
     cands = session.candidates()
     node = session.node
     if as_json:
-        rows = cands.record(session.ckpt.token_text, cands.ranked[:top]) if cands else []
+        rows = cands.record(session.ckpt.token_text, cands.top(top)) if cands else []
         _write_json({"event": "show", "prompt": prompt, "token_ids": session.tokens(), "text": session.text(),
                      "cumulative": node.cumulative, "ended": node.ended, "samplers": cands.order if cands else [],
                      "entropy": cands.entropy if cands else None, "candidates": rows})
@@ -1319,7 +1319,7 @@ def _explore_show(session, out, top: int, as_json: bool, prompt: str) -> None:
     out.print(render_explore.path_text(session))
     if cands is not None:
         explored = {session.nodes[c].token_id for c in node.children}
-        out.print(render_explore.candidates_table(cands, cands.ranked[:top], session.ckpt.token_text, explored), soft_wrap=False)
+        out.print(render_explore.candidates_table(cands, cands.top(top), session.ckpt.token_text, explored), soft_wrap=False)
         out.print(render_explore.candidates_summary(cands, session.seed))
 
 

@@ -27,14 +27,12 @@ def candidate_headers(cands) -> list[str]:
     return ["#", "token", "id", "model p", *[f"{name}" for name, _ in cands.stages], "final p", "removed by"]
 
 
-def candidate_row(cands, token: int, token_text, explored: bool = False) -> list:
-    """One token's cells (``explored``: the tree already has this branch, marked •)."""
-    style = "dim" if cands.removed_by[token] else ""
-    label = Text(token_label(token_text(token)) + (" •" if explored else ""), style=style)
-    after = [prob_text(float(p[token])) if p[token] > 0 else "—" for _, p in cands.stages]
-    final = float(cands.final[token])
-    return [str(cands.rank[token]), label, str(token), prob_text(float(cands.raw[token])), *after,
-            prob_text(final) if final > 0 else "—", cands.removed_by[token] or ""]
+def candidate_row(row, token_text, explored: bool = False) -> list:
+    """One candidate's cells (``explored``: the tree already has this branch, marked •)."""
+    label = Text(token_label(token_text(row.token)) + (" •" if explored else ""), style="dim" if row.removed_by else "")
+    after = [prob_text(p) if p > 0 else "—" for p in row.stages]
+    return [str(row.rank), label, str(row.token), prob_text(row.prob), *after,
+            prob_text(row.final) if row.final > 0 else "—", row.removed_by or ""]
 
 
 def candidates_summary(cands, seed: int | None = None) -> Text:
@@ -51,8 +49,8 @@ def candidates_table(cands, tokens: list[int], token_text, explored: set[int] = 
     for i, header in enumerate(headers):
         last = i == len(headers) - 1  # "removed by" may wrap: a stage's name is never cut
         table.add_column(header, justify="left" if i == 1 or last else "right", no_wrap=not last)
-    for t in tokens:
-        table.add_row(*candidate_row(cands, t, token_text, t in explored))
+    for row in cands.rows(tokens):
+        table.add_row(*candidate_row(row, token_text, row.token in explored))
     return table
 
 

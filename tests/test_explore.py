@@ -70,11 +70,15 @@ def test_cached_logits_equal_a_fresh_forward_pass(session, ckpt):
                 float(torch.log_softmax(fresh_logits(ckpt, ids[:-1]), -1)[node.token_id]), abs=1e-5)
 
 
-SETTINGS = {"temperature": 0.7, "top_k": 12, "top_p": 0.9, "repetition_penalty": 1.3, "xtc_probability": 0.5,
-            "xtc_threshold": 0.05}
+CHAINS = [  # a chain that draws as it goes (XTC), one that moves with each token (mirostat), one that only counts
+    {"temperature": 0.7, "top_k": 12, "top_p": 0.9, "repetition_penalty": 1.3, "xtc_probability": 0.5, "xtc_threshold": 0.05},
+    {"temperature": 0.9, "mirostat": 2, "mirostat_tau": 3.0, "presence_penalty": 0.5},
+    {"top_k": 8, "min_p": 0.05, "repetition_penalty": 1.5, "no_repeat_ngram_size": 2},
+]
 
 
-def test_the_tree_agrees_with_probs_and_score(ckpt):
+@pytest.mark.parametrize("settings", CHAINS, ids=["xtc", "mirostat", "counting"])
+def test_the_tree_agrees_with_probs_and_score(ckpt, settings):
     """At every node of a path: the model's and each stage's probabilities are what
     ``probs`` shows for that path, and the path's tokens have the logprobs ``score``
     gives them and the sampler probabilities ``score --sampler`` gives them, XTC's
@@ -84,10 +88,10 @@ def test_the_tree_agrees_with_probs_and_score(ckpt):
     from llmgen.scoring import score
 
     prompt = orch.prompt_ids(ckpt, PROMPT)
-    s = Session(ckpt, prompt, SETTINGS, seed=5)
+    s = Session(ckpt, prompt, settings, seed=5)
     gen = s.gen
     path = []
-    for rank in (0, 2, 1, 0):
+    for rank in (0, 2, 1, 0, 0):
         cands = s.candidates()
         shown = follow(ckpt.model, prompt + path, gen.sampling, 1, 5, gen.stop_token_ids, gen.tokens)[0]
         torch.testing.assert_close(cands.raw, torch.tensor(shown.raw), atol=1e-5, rtol=0)
@@ -122,6 +126,15 @@ def test_probs_and_score_commands_agree_with_explore(six_dir, capsys):
     (scored,) = run("score", "I like cold water", "--json")
     assert record["token_ids"] == scored["token_ids"]
     assert record["logprobs"] == pytest.approx(scored["logprobs"], abs=1e-5)
+
+
+def test_top_and_rank_break_ties_by_id(session):
+    cands = session.candidates()
+    cands.raw = torch.tensor([0.1, 0.3, 0.1, 0.3, 0.05, 0.1, 0.05])
+    assert cands.ranked == [1, 3, 0, 2, 5, 4, 6]
+    assert [cands.top(n) for n in (1, 3, 7, 50)] == [[1], [1, 3, 0], cands.ranked, cands.ranked]
+    assert [cands.rank(t) for t in range(7)] == [3, 1, 4, 2, 6, 5, 7]
+    assert cands.matching(["a", "ba", "c", "ab", "b", "x", "y"], "A", 3) == [1, 3, 0]
 
 
 def test_greedy_and_sample_are_runs_continuation(ckpt):

@@ -7,6 +7,10 @@ Textual (or needs it installed).
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -18,7 +22,7 @@ from llmgen import render_explore
 from llmgen.errors import LlmgenError
 from llmgen.explore import script
 
-ROWS = 100  # candidate rows in the table; typing a filter searches the whole vocabulary
+ROWS = 50  # candidate rows in the table (each costs ~0.1 ms to add); a filter searches the whole vocabulary
 SETTING_KEYS = {"t": "temperature", "k": "top_k", "p": "top_p", "m": "min_p", "r": "repetition_penalty"}
 
 HELP = """keys
@@ -115,6 +119,8 @@ class ExploreApp(App):
         super().__init__()
         self.session, self.prompt = session, prompt
         self.busy = False
+        self.model_thread = ThreadPoolExecutor(1, "llmgen-model", initializer=torch.set_num_threads,
+                                               initargs=(torch.get_num_threads(),))
         self.status = ""
         self.query_text = ""
         self._columns: list[str] = []
@@ -134,34 +140,44 @@ class ExploreApp(App):
 
     def on_mount(self) -> None:
         self.query_one(DataTable).focus()
-        self.run_model("reading the prompt", lambda s: "? for help · Enter takes a token · Backspace goes back",
-                       lambda s: s.candidates())
+        self.run_model("reading the prompt", lambda s: "? for help · Enter takes a token · Backspace goes back")
 
     # -- model work, one job at a time, off the UI thread
 
-    def run_model(self, label: str, job, prepare=None) -> None:
-        """Run ``job(session)`` in a worker thread (then ``prepare``, the candidates the
-        table will need), and redraw with the line it returns. A key pressed while a job
-        runs is refused with a bell: two jobs would share one KV cache."""
+    def run_model(self, label: str, job) -> None:
+        """Run ``job(session)`` off the UI thread, then redraw with the line it returns. A
+        key pressed while a job runs is refused with a bell: two jobs would share one KV
+        cache."""
         if self.busy:
             self.bell()
             return
         self.busy = True
-        self.show_status(f"{label}…")
-        self._work(job, prepare)
+        # Said only if the job is slow: a repaint while the model runs competes with it
+        # for the interpreter and the cores.
+        self._working = self.set_timer(0.25, lambda: self.show_status(f"{label}…"))
+        self._work(job)
 
-    @work(thread=True, group="model")
-    def _work(self, job, prepare) -> None:
+    @work(group="model")
+    async def _work(self, job) -> None:
+        """A Textual worker that hands the job to the one model thread and waits. Every job
+        runs on that same thread, set to the CLI's torch thread count: OpenMP keeps a
+        team of threads per calling thread, so a fresh thread a step would build a new
+        team each time (and run with its default count)."""
+        message = await asyncio.get_running_loop().run_in_executor(self.model_thread, self._job, job)
+        self._working.stop()
+        self.busy = False
+        self.redraw(message)
+
+    def _job(self, job) -> str:
         try:
             message = job(self.session)
             self.session.candidates()  # computed here, so the redraw does no model work
         except LlmgenError as e:
             message = f"error: {e}"
-        self.call_from_thread(self._finished, message)
+        return message
 
-    def _finished(self, message: str) -> None:
-        self.busy = False
-        self.redraw(message)
+    def on_unmount(self) -> None:
+        self.model_thread.shutdown(wait=False)
 
     # -- drawing
 
@@ -198,8 +214,8 @@ class ExploreApp(App):
         texts = session.ckpt.vocabulary.texts() if self.query_text else []
         explored = {session.nodes[c].token_id for c in session.node.children}
         token_text = session.ckpt.token_text
-        for token in cands.matching(texts, self.query_text, ROWS):
-            table.add_row(*render_explore.candidate_row(cands, token, token_text, token in explored), key=str(token))
+        for row in cands.rows(cands.matching(texts, self.query_text, ROWS), ranked=not self.query_text):
+            table.add_row(*render_explore.candidate_row(row, token_text, row.token in explored), key=str(row.token))
         summary.update(render_explore.candidates_summary(cands, session.seed))
 
     # -- keys

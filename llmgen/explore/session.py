@@ -25,7 +25,9 @@ every chain, and the current node's is rebuilt along its path.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -76,27 +78,57 @@ class Candidates:
     raw: torch.Tensor
     stages: list[tuple[str, torch.Tensor]]
     final: torch.Tensor
-    removed_by: list[str | None]
+    removed_by: Sequence[str | None]
     changed_by: dict[int, list[str]]
     entropy: float  # of the model's distribution
     final_entropy: float  # of the distribution a token is drawn from
-    ranked: list[int]  # every token id, most probable under the model first (ties by id)
-
-    def __post_init__(self) -> None:
-        self.rank = {t: i + 1 for i, t in enumerate(self.ranked)}  # token id -> its place, from 1
 
     @property
     def drawable(self) -> int:
         return int((self.final > 0).sum())
 
+    def top(self, n: int) -> list[int]:
+        """The ``n`` most probable tokens under the model, ties by id, without sorting the
+        whole vocabulary (a sort of 49,152 probabilities takes ~8 ms on one core)."""
+        n = min(n, len(self.raw))
+        edge = torch.topk(self.raw, n).values[-1]
+        ids = torch.nonzero(self.raw >= edge).flatten()  # the n-th's ties come too
+        return [t for _, t in sorted(zip((-p for p in self.raw[ids].tolist()), ids.tolist()))][:n]
+
+    @cached_property
+    def ranked(self) -> list[int]:
+        """Every token, most probable first (ties by id)."""
+        return stable_order(self.raw[None])[0].tolist()
+
+    @cached_property
+    def _place(self) -> torch.Tensor:
+        """Each token's place in ``ranked``, from 0."""
+        order = torch.tensor(self.ranked)
+        return torch.empty_like(order).scatter_(0, order, torch.arange(len(order)))
+
+    def rank(self, token: int) -> int:
+        """The token's place under the model's distribution, from 1 (ties by id)."""
+        return int(self._place[token]) + 1
+
+    def rows(self, tokens: list[int], ranked: bool = False) -> list[Row]:
+        """The numbers of ``tokens``' rows, read in one gather per distribution;
+        ``ranked``: they are the most probable, in order, so their ranks need no sort."""
+        index = torch.tensor(tokens, dtype=torch.long)
+        raw, final = self.raw[index].tolist(), self.final[index].tolist()
+        stages = list(zip(*(p[index].tolist() for _, p in self.stages))) or [()] * len(tokens)
+        ranks = range(1, len(tokens) + 1) if ranked else [self.rank(t) for t in tokens]
+        return [Row(t, r, p, after, f, self.removed_by[t])
+                for t, r, p, after, f in zip(tokens, ranks, raw, stages, final)]
+
     def matching(self, texts: list[str], query: str, limit: int) -> list[int]:
-        """The ``limit`` most probable tokens whose text holds ``query`` (any case; every
-        token when it is empty), most probable first: the whole vocabulary is searched."""
+        """The ``limit`` most probable tokens whose text holds ``query`` (any case; the
+        most probable of all when it is empty): the whole vocabulary is searched."""
         if not query:
-            return self.ranked[:limit]
+            return self.top(limit)
         query = query.casefold()
-        hits = [t for t in self.ranked if t < len(texts) and query in texts[t].casefold()]
-        return hits[:limit]
+        hits = [t for t, text in enumerate(texts) if query in text.casefold()]
+        probs = self.raw[hits].tolist() if hits else []
+        return [t for _, t in sorted(zip((-p for p in probs), hits))][:limit]
 
     def record(self, token_text, tokens: list[int]) -> list[dict]:
         """``tokens``' rows as JSON (the field names of ``probs --json``), with
@@ -104,6 +136,18 @@ class Candidates:
         return [{"token_id": t, "token": token_text(t), "prob": float(self.raw[t]), "final_prob": float(self.final[t]),
                  "stage_probs": {name: float(p[t]) for name, p in self.stages},
                  "removed_by": self.removed_by[t], "changed_by": self.changed_by.get(t, [])} for t in tokens]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One candidate's numbers, as a table shows them."""
+
+    token: int
+    rank: int  # from 1, by the model's probability
+    prob: float  # the model's
+    stages: tuple[float, ...]  # right after each stage of the chain
+    final: float  # the one it is drawn with
+    removed_by: str | None
 
 
 def entropy(p: torch.Tensor) -> float:
@@ -220,11 +264,11 @@ class Session:
             return None
         if node.id not in self._explained:
             sampler = copy.deepcopy(self._chain(node))  # explaining draws (XTC, the draw): not on the kept chain
-            _, (why,) = sampler.explain(self.logits(node)[None])
+            _, (why,) = sampler.explain(self.logits(node)[None], choose=False)
             raw, final = why.raw.cpu(), why.final.cpu()
             self._explained[node.id] = Candidates(
                 node.id, why.order, raw, [(name, p.cpu()) for name, p in why.stages], final, why.removed_by,
-                why.changed_by, entropy(raw), entropy(final), stable_order(raw[None])[0].tolist())
+                why.changed_by, entropy(raw), entropy(final))
         return self._explained[node.id]
 
     def _fresh_chain(self, sampling: config.SamplingConfig, seed: int | None):
@@ -232,8 +276,11 @@ class Session:
                              self.device, self.gen.stop_token_ids, self.gen.tokens)
 
     def _hear(self, sampler, parent: Node, token: int) -> None:
-        """The chain at ``parent`` hears ``token`` as given, not drawn (as ``score --sampler``)."""
-        sampler.judge(self.logits(parent)[None], [token])
+        """The chain at ``parent`` hears ``token`` as given, not drawn (as ``score --sampler``).
+        Only a chain that draws or moves with each step's distribution needs that step's
+        logits run through it; any other hears the token as the text's next."""
+        if sampler.judges_by_logits:
+            sampler.judge(self.logits(parent)[None], [token])
         sampler.accept([token])
 
     def _chain(self, node: Node):
