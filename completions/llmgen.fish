@@ -401,7 +401,7 @@ complete -c llmgen -n '__fish_seen_subcommand_from lens' -l help -s h -d 'Show t
 complete -c llmgen -n '__fish_seen_subcommand_from explore' -l prompt-file -s f -x -d 'Read the prompt from this file.'
 complete -c llmgen -n '__fish_seen_subcommand_from explore' -l model -s m -x -a '(__fish_complete_directories) smollm2' -d 'Model directory (Hugging Face layout) or pulled model name'
 complete -c llmgen -n '__fish_seen_subcommand_from explore' -l seed -s s -x -d 'Seed of the sampler\'s random stages; sample i of the session (s) draws with seed + i'
-complete -c llmgen -n '__fish_seen_subcommand_from explore' -l script -x -d 'Run these actions without the app, separated by \';\': take \'TEXT\' | take id N, back [N], greedy N, sample N, beam WIDTH N, exact N, set NAME VALUE, show, export PATH (.json, .svg, .html)'
+complete -c llmgen -n '__fish_seen_subcommand_from explore' -l script -x -d 'Run these actions without the app, separated by \';\': take \'TEXT\' | take id N, back [N], greedy N, sample N, beam WIDTH N, exact N, set NAME VALUE, show (the path and candidates), tree, export PATH (.json, .svg, .html)'
 complete -c llmgen -n '__fish_seen_subcommand_from explore' -l top -x -d 'Rows of each table that --script\'s show prints.'
 complete -c llmgen -n '__fish_seen_subcommand_from explore' -l truncate -x -a 'none left' -d 'A prompt too long for the context: \'none\' is an error, \'left\' keeps its last tokens that fit.'
 complete -c llmgen -n '__fish_seen_subcommand_from explore' -l errors -x -a 'strict replace' -d 'Invalid UTF-8 in PROMPT, --system or on stdin: \'strict\' is an error, \'replace\' substitutes U+FFFD.'

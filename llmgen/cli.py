@@ -1217,8 +1217,8 @@ def lens(
 ScriptOpt = Annotated[Optional[str], typer.Option(
     "--script", metavar="ACTIONS", show_default=False,
     help="Run these actions without the app, separated by ';': take 'TEXT' | take id N, back [N], greedy N, sample N, "
-         "beam WIDTH N, exact N, set NAME VALUE, show, export PATH (.json, .svg, .html). Prints each show, then the "
-         "path's text (--json: the session's record).")]
+         "beam WIDTH N, exact N, set NAME VALUE, show (the path and candidates), tree, export PATH (.json, .svg, "
+         ".html). Prints each show and tree, then the path's text (--json: a record for each, then the session's).")]
 
 
 @app.command()
@@ -1294,6 +1294,8 @@ def _explore_script(session, prompt: str, actions, top: int, as_json: bool) -> N
                 render_explore.export(session, action.args[0], prompt)
             elif action.name == "show":
                 _explore_show(session, out, top, as_json, prompt)
+            elif action.name == "tree":
+                _explore_tree(session, out, as_json, prompt)
             else:
                 apply(session, action)
         except LlmgenError as e:
@@ -1303,6 +1305,16 @@ def _explore_script(session, prompt: str, actions, top: int, as_json: bool) -> N
         _write_json({"prompt": prompt, **session.record()})
     else:
         out.print(session.text(), markup=False, highlight=False)
+
+
+def _explore_tree(session, out, as_json: bool, prompt: str) -> None:
+    from llmgen import render_explore
+
+    if as_json:
+        _write_json({"event": "tree", "prompt": prompt, "tree": session.record()["tree"]})
+        return
+    out.print(render_explore.explore_tree(session, prompt), soft_wrap=False)
+    out.print(render_explore.tree_legend(), soft_wrap=False)
 
 
 def _explore_show(session, out, top: int, as_json: bool, prompt: str) -> None:
@@ -1319,7 +1331,8 @@ def _explore_show(session, out, top: int, as_json: bool, prompt: str) -> None:
     out.print(render_explore.path_text(session))
     if cands is not None:
         explored = {session.nodes[c].token_id for c in node.children}
-        out.print(render_explore.candidates_table(cands, cands.top(top), session.ckpt.token_text, explored), soft_wrap=False)
+        out.print(render_explore.candidates_table(cands, cands.top(top), session.ckpt.token_text, explored, width=out.width),
+                  soft_wrap=False)
         out.print(render_explore.candidates_summary(cands, session.seed))
 
 

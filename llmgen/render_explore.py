@@ -8,17 +8,23 @@ import io
 import json
 from pathlib import Path
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
 from llmgen.errors import LlmgenError
-from llmgen.render import make_console, prob_text, prompt_label, token_color, token_label, tree_label, tree_stats
+from llmgen.render import (make_console, prob_text, prompt_label, token_color, token_label, tree_label, tree_stats,
+                           widest_that_fits)
 
 MARK_LABELS = {"greedy": "greedy", "sampled": "sampled", "beam": "beam", "exact": "★ exact"}
 LEGEND = ("▶ the current node · bold: the current path · ★ an exact search's optimum · greedy, sampled, beam: "
           "how a branch was made · ■ the text ended · p: next-token probability · Σ: logprob so far")
+
+
+def tree_legend() -> Text:
+    return Text(LEGEND, style="dim")
 
 
 def candidate_headers(cands) -> list[str]:
@@ -42,16 +48,28 @@ def candidates_summary(cands, seed: int | None = None) -> Text:
                 + (f" · seed {seed}" if seed is not None else ""), style="dim")
 
 
-def candidates_table(cands, tokens: list[int], token_text, explored: set[int] = frozenset(), title: str = "") -> Table:
-    """``show``'s table: ``tokens``' rows (``candidates_summary`` goes below it)."""
-    table = Table(title=title or None, title_justify="left")
-    headers = candidate_headers(cands)
-    for i, header in enumerate(headers):
-        last = i == len(headers) - 1  # "removed by" may wrap: a stage's name is never cut
-        table.add_column(header, justify="left" if i == 1 or last else "right", no_wrap=not last)
-    for row in cands.rows(tokens):
-        table.add_row(*candidate_row(row, token_text, row.token in explored))
-    return table
+def candidates_table(cands, tokens: list[int], token_text, explored: set[int] = frozenset(), title: str = "",
+                     width: int | None = None) -> Table:
+    """``show``'s table: ``tokens``' rows (``candidates_summary`` goes below it). As
+    ``width`` narrows, the frame goes, then the id column."""
+    rows = cands.rows(tokens)
+
+    def layout(framed: bool, ids: bool) -> Table:
+        table = Table(title=title or None, title_justify="left")
+        if not framed:
+            table.box, table.padding, table.pad_edge, table.show_edge = box.SIMPLE_HEAD, (0, 1), False, False
+        headers = candidate_headers(cands)
+        for i, header in enumerate(headers):
+            if i == 2 and not ids:
+                continue
+            last = i == len(headers) - 1  # "removed by" may wrap: a stage's name is never cut
+            table.add_column(header, justify="left" if i == 1 or last else "right", no_wrap=not last)
+        for row in rows:
+            cells = candidate_row(row, token_text, row.token in explored)
+            table.add_row(*(cells if ids else cells[:2] + cells[3:]))
+        return table
+
+    return widest_that_fits(width, [lambda: layout(True, True), lambda: layout(False, True), lambda: layout(False, False)])
 
 
 def path_text(session) -> Text:
@@ -116,7 +134,7 @@ def export(session, path: str, prompt: str) -> None:
         data = json.dumps({"prompt": prompt, **session.record()}, ensure_ascii=False, indent=1) + "\n"
     else:
         console = make_console(record=True, width=100, file=io.StringIO(), color_system="truecolor")
-        console.print(Group(explore_tree(session, prompt), Text(LEGEND, style="dim"), Text(""), path_text(session)))
+        console.print(Group(explore_tree(session, prompt), tree_legend(), Text(""), path_text(session)))
         data = console.export_svg(title="llmgen explore") if kind == ".svg" else console.export_html()
     try:
         Path(path).write_text(data, encoding="utf-8")

@@ -282,3 +282,15 @@ def test_no_other_command_imports_textual(six_dir):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
+
+
+def test_tree_action_and_json_records(six_dir, capsys):
+    assert main(["explore", "I", "--model", six_dir, "--script", "take like; greedy 2; back 2; tree"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:4] == ['explored "I"', '└── ▶ "like"  p=0.030  Σ=-3.494',
+                         '    └── "like"  p=0.537  Σ=-4.116  greedy', '        └── "like"  p=0.400  Σ=-5.033  greedy']
+    assert main(["explore", "I", "--model", six_dir, "--json", "--script", "take like; show; tree"]) == 0
+    show, tree, record = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert show["event"] == "show" and show["token_ids"] == record["token_ids"] == [2]
+    assert tree == {"event": "tree", "prompt": "I", "tree": record["tree"]}
+    assert record["forward_passes"] == 2 and record["text"] == "like"

@@ -297,7 +297,7 @@ class ExploreApp(App):
         self.run_model(actions[0].name, lambda s: "; ".join(self._act(s, a) for a in actions))
 
     def _act(self, session, action: script.Action) -> str:
-        if action.name == "show":
+        if action.name in ("show", "tree"):
             return "shown"
         if action.name == "export":
             render_explore.export(session, action.args[0], self.prompt)

@@ -3,7 +3,7 @@ app's ``:`` command line read the same language, checked before anything runs.
 
 ``parse`` turns a script into ``Action``s (a usage error names the action it cannot
 read); ``apply`` performs one on a ``Session`` and says in a line what happened.
-``show`` and ``export`` produce views and files, so the caller handles them.
+``show``, ``tree`` and ``export`` produce views and files, so the caller handles them.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ GRAMMAR: dict[str, tuple[str, int]] = {
     "set": ("set NAME VALUE", 0),
     "export": ("export PATH (.json, .svg or .html)", 0),
     "show": ("show", 0),
+    "tree": ("tree", 0),
 }
 EXPORT_KINDS = (".json", ".svg", ".html")
 
@@ -122,7 +123,7 @@ def _count(text: str, what: str, least: int) -> int:
 
 def apply(session, action: Action) -> str:
     """Perform a tree or model action on ``session``; a line saying what it did.
-    ``show`` and ``export`` are the caller's (they make views)."""
+    ``show``, ``tree`` and ``export`` are the caller's (they make views)."""
     token_text = session.ckpt.token_text
     name, args = action.name, action.args
     if name == "take":
