@@ -2,7 +2,8 @@
 
     python bench/explore.py [--model embedded] [--model smollm2] [--steps 20] [--threads N]
 
-For each model, three medians (ms), each over ``--steps`` steps to nodes not seen before:
+For each model, medians (ms) over ``--steps`` steps to nodes not seen before, the three
+kinds of step alternating:
 
 - a forward pass alone: one token through the model on top of a KV cache (the floor);
 - the engine's step: ``Session.take`` then ``candidates`` (the pass, plus copying the
@@ -38,72 +39,72 @@ def ms(seconds: list[float]) -> float:
     return statistics.median(seconds) * 1000
 
 
-@torch.inference_mode()
-def forward_alone(ckpt, ids: list[int], steps: int) -> list[float]:
-    model = ckpt.model
-    cache = model.new_cache(1, model.cfg.context_length)
-    model(torch.tensor([ids]), None, cache)
-    token = torch.tensor([[ids[-1]]])
-    out = []
-    for _ in range(steps + 2):
+class Forward:
+    """One token through the model on top of a KV cache holding the prompt: the floor."""
+
+    def __init__(self, ckpt, ids: list[int]) -> None:
+        self.model = ckpt.model
+        self.cache = self.model.new_cache(1, self.model.cfg.context_length)
+        with torch.inference_mode():
+            self.model(torch.tensor([ids]), None, self.cache)
+        self.token = torch.tensor([[ids[-1]]])
+
+    @torch.inference_mode()
+    def __call__(self) -> float:
         start = time.perf_counter()
-        model(token, None, cache)[:, -1].float()
-        out.append(time.perf_counter() - start)
-        cache.length -= 1
-    return out[2:]
+        self.model(self.token, None, self.cache)[:, -1].float()
+        self.cache.length -= 1
+        return time.perf_counter() - start
 
 
-def engine_steps(ckpt, ids: list[int], steps: int) -> list[float]:
-    session = Session(ckpt, ids, SETTINGS, seed=0)
-    ranked = session.candidates().ranked
-    out = []
-    for i in range(steps + 2):  # a new branch each time: the cache is cut back, one token fed
-        start = time.perf_counter()
-        session.take(ranked[i])
-        session.candidates()
-        out.append(time.perf_counter() - start)
-        session.back()
-    return out[2:]
-
-
-def app_steps(ckpt, ids: list[int], steps: int) -> tuple[list[float], list[float]]:
+def measure(ckpt, ids: list[int], steps: int) -> dict[str, list[float]]:
+    """The three measurements, alternating step by step so that a machine whose load
+    changes (a shared one) weighs on all three alike."""
     from llmgen.explore.app import ExploreApp
 
-    session = Session(ckpt, ids, SETTINGS, seed=0)
-    app = ExploreApp(session, PROMPT)
-    redraws: list[float] = []
-    drawn_at: list[float] = []
+    forward = Forward(ckpt, ids)
+    engine = Session(ckpt, ids, SETTINGS, seed=0)
+    ranked = engine.candidates().ranked
+    app = ExploreApp(Session(ckpt, ids, SETTINGS, seed=0), PROMPT)
+    times: dict[str, list[float]] = {"forward": [], "engine": [], "app": [], "redraw": []}
+    drawn: list[tuple[float, float]] = []
     redraw = app.redraw
 
     def timed_redraw(*args):
         start = time.perf_counter()
         redraw(*args)
-        drawn_at.append(time.perf_counter())
-        redraws.append(drawn_at[-1] - start)
+        drawn.append((start, time.perf_counter()))
 
     app.redraw = timed_redraw
-    out = []
+
+    async def settle(pilot) -> None:
+        await app.workers.wait_for_complete()
+        await pilot.pause()
 
     async def go():
         async with app.run_test(size=(120, 40)) as pilot:
-            await app.workers.wait_for_complete()
-            await pilot.pause()
-            for i in range(steps + 2):
+            await settle(pilot)
+            for i in range(steps + 2):  # a new branch each time: the cache is cut back, one token fed
+                times["forward"].append(forward())
+                start = time.perf_counter()
+                engine.take(ranked[i])
+                engine.candidates()
+                times["engine"].append(time.perf_counter() - start)
+                engine.back()
                 await pilot.press(*["down"] * i)
-                before = session.forward_passes
+                await settle(pilot)
+                before = app.session.forward_passes
                 start = time.perf_counter()
                 await pilot.press("enter")
-                await app.workers.wait_for_complete()
-                await pilot.pause()
-                out.append(drawn_at[-1] - start)  # to the end of the redraw, not of Pilot's waiting
-                assert session.forward_passes == before + 1 and app.table_node == session.current
+                await settle(pilot)
+                assert app.session.forward_passes == before + 1 and app.table_node == app.session.current
+                times["app"].append(drawn[-1][1] - start)  # to the end of the redraw, not of Pilot's waiting
+                times["redraw"].append(drawn[-1][1] - drawn[-1][0])
                 await pilot.press("backspace")
-                await app.workers.wait_for_complete()
-                await pilot.pause()
+                await settle(pilot)
 
     asyncio.run(go())
-    step_redraws = redraws[1::2][2:]  # each take's redraw (the others are the backs and the start)
-    return out[2:], step_redraws
+    return {k: v[2:] for k, v in times.items()}
 
 
 def main() -> None:
@@ -121,9 +122,7 @@ def main() -> None:
             continue
         ckpt = orch.load(None if name == "embedded" else name, "cpu", "auto", threads=args.threads)
         ids = orch.prompt_ids(ckpt, PROMPT)
-        forward = ms(forward_alone(ckpt, ids, args.steps))
-        engine = ms(engine_steps(ckpt, ids, args.steps))
-        app, redraw = (ms(t) for t in app_steps(ckpt, ids, args.steps))
+        forward, engine, app, redraw = (ms(t) for t in measure(ckpt, ids, args.steps).values())
         goal = "✓" if app <= forward + 20 else "✗"
         print(f"{name:<10} {forward:>10.1f} ms {engine:>9.1f} ms {app:>6.1f} ms {redraw:>11.1f} ms "
               f"{'<= ' + format(forward + 20, '.1f'):>8} {goal}")

@@ -51,3 +51,9 @@ def test_every_bench_shape_builds_and_loads(tmp_path, monkeypatch, shape):
     spec.loader.exec_module(bench)
     ckpt = load_checkpoint(bench.checkpoint(shape), device="cpu")
     assert ckpt.model.cfg.n_layer == 2 and ckpt.encode("the clocks")
+
+
+def test_explore_bench_runs(tmp_path):
+    out = _run(tmp_path, str(BENCH / "explore.py"), "--model", "embedded", "--steps", "2", "--threads", "1")
+    name, forward, _, engine, _, app, _, redraw, *_ = out.splitlines()[-1].split()
+    assert name == "embedded" and 0 < float(forward) and 0 < float(engine) and float(redraw) < float(app)

@@ -204,7 +204,7 @@ def test_a_command_line_runs_any_action(six):
     assert seen["two"] == ("like cold", "took 'like' · Σ=-3.494; took 'cold' · Σ=-6.183")
     assert seen["unknown"] == "error: 'sugar' holds text the tokenizer has no token for"
     assert seen["checked first"] == ("like cold", "error: action 2 (greed 2): unknown action 'greed' (known: take, back, "
-                                     "greedy, sample, beam, exact, set, export, show)")
+                                     "greedy, sample, beam, exact, set, export, show, tree)")
     assert app.session.seed == 4 and app.status == "seed = 4"
 
 
