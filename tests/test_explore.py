@@ -294,3 +294,30 @@ def test_tree_action_and_json_records(six_dir, capsys):
     assert show["event"] == "show" and show["token_ids"] == record["token_ids"] == [2]
     assert tree == {"event": "tree", "prompt": "I", "tree": record["tree"]}
     assert record["forward_passes"] == 2 and record["text"] == "like"
+
+
+def test_chat_prompt_and_its_end_of_turn(tmp_path, capsys):
+    """--chat renders the prompt as run --chat does, and greedy goes where run -t 0 goes."""
+    from checkpoints import build_chat_model
+
+    build_chat_model(tmp_path)
+    base = ["Hi there", "--model", str(tmp_path), "--chat", "--system", "Be brief.", "--json"]
+    assert main(["run", *base, "-t", "0", "-n", "12"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert main(["explore", *base, "--script", "greedy 12"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["prompt_token_ids"] == run["prompt_token_ids"] and record["token_ids"] == run["token_ids"]
+    assert record["logprobs"] == pytest.approx(run["logprobs"], abs=1e-5)
+
+
+def test_eos_ends_a_branch(six_dir, capsys):
+    argv = ["explore", "I", "--model", six_dir, "--logit-bias", "<end>=10", "--json", "--script"]
+    assert main([*argv, "greedy 5"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["token_ids"] == [0] and record["tree"]["children"][0]["ended"]
+    assert main([*argv, "greedy 5; take like"]) == 1
+    assert "action 2 (take like): the text ended here" in capsys.readouterr().err
+    assert main([*argv, "greedy 1; back; take like; show"]) == 0
+    show = json.loads(capsys.readouterr().out.splitlines()[0])
+    end = next(c for c in show["candidates"] if c["token"] == "<end>")
+    assert end["changed_by"] == ["logit-bias"] and end["final_prob"] > 0.99 and show["token_ids"] == [2]
