@@ -119,11 +119,28 @@ def explore_tree(session, prompt: str, wrap: bool = True) -> Tree:
         return tree_label(token, stats) if wrap else Text.assemble(token, "  ", stats, no_wrap=True, overflow="ignore")
 
     def add(branch: Tree, node) -> None:
-        for cid in sorted(node.children, key=lambda c: -session.nodes[c].cumulative):
-            add(branch.add(label(session.nodes[cid])), session.nodes[cid])
+        for child in children(session, node):
+            add(branch.add(label(child)), child)
 
     add(tree, session.nodes[0])
     return tree
+
+
+def children(session, node) -> list:
+    """A node's children in the order the tree draws them: most probable path first."""
+    return sorted((session.nodes[c] for c in node.children), key=lambda c: -c.cumulative)
+
+
+def tree_line(session, node_id: int) -> int:
+    """The line on which ``explore_tree`` draws node ``node_id`` (the root's is 0)."""
+    line, stack = 0, [session.nodes[0]]
+    while stack:
+        node = stack.pop()
+        if node.id == node_id:
+            return line
+        line += 1
+        stack.extend(reversed(children(session, node)))
+    raise ValueError(f"no node {node_id}")
 
 
 def export(session, path: str, prompt: str) -> None:

@@ -86,8 +86,9 @@ class ExploreApp(App):
     ENABLE_COMMAND_PALETTE = False
     CSS = """
     #path { height: auto; max-height: 8; padding: 0 1; border-bottom: solid $primary; }
-    #left { width: 3fr; }
-    #tree-pane { width: 2fr; border-left: solid $primary; overflow-x: auto; }
+    #left { width: 2fr; }
+    #candidates { height: 1fr; }
+    #tree-pane { width: 1fr; border-left: solid $primary; overflow-x: auto; }
     #tree { width: auto; }
     #filter { display: none; }
     #filter.shown { display: block; }
@@ -192,6 +193,14 @@ class ExploreApp(App):
         self.query_one("#path", Static).update(render_explore.path_text(session))
         self.query_one("#tree", Static).update(render_explore.explore_tree(session, self.prompt, wrap=False))
         self.fill_table()
+        self.call_after_refresh(self.follow_current)
+
+    def follow_current(self) -> None:
+        """Scroll the tree so that the current node is in view."""
+        pane = self.query_one("#tree-pane", VerticalScroll)
+        line = render_explore.tree_line(self.session, self.session.current)
+        indent = 4 * self.session.node.depth
+        pane.scroll_to(x=max(0, indent - pane.size.width // 3), y=max(0, line - pane.size.height // 2), animate=False)
 
     def fill_table(self) -> None:
         """The candidates at the current node, filtered by the query; columns change only
