@@ -53,11 +53,16 @@ async def press(app, pilot, *keys):
         await settle(app, pilot)
 
 
-async def answer(app, pilot, key, text):
-    """Press ``key``, type ``text`` into the question it asks, and Enter."""
+async def answer(app, pilot, key, text, typed=True):
+    """Press ``key``, type ``text`` into the question it asks (or, not ``typed``, paste
+    it: a long path key by key costs seconds), and Enter."""
     await pilot.press(key)
     await pilot.pause()
-    await press(app, pilot, *text, "enter")
+    if typed:
+        await pilot.press(*text)
+    else:
+        app.screen.query_one("#answer").value = text
+    await press(app, pilot, "enter")
 
 
 def rows(app) -> list[int]:
@@ -180,7 +185,7 @@ def test_export_key_writes_the_tree(six, tmp_path):
 
     async def steps(app, pilot):
         await press(app, pilot, "enter", "enter")
-        await answer(app, pilot, "e", str(path))
+        await answer(app, pilot, "e", str(path), typed=False)
 
     app = drive(six, steps)
     assert app.status == f"wrote {path}"
@@ -191,13 +196,13 @@ def test_export_key_writes_the_tree(six, tmp_path):
 
 def test_a_command_line_runs_any_action(six):
     async def steps(app, pilot):
-        await answer(app, pilot, "colon", "take like; take cold")
+        await answer(app, pilot, "colon", "take like; take cold", typed=False)
         seen["two"] = (app.session.text(), app.status)
-        await answer(app, pilot, "colon", "take sugar")
+        await answer(app, pilot, "colon", "take sugar", typed=False)
         seen["unknown"] = app.status
-        await answer(app, pilot, "colon", "back; greed 2")
+        await answer(app, pilot, "colon", "back; greed 2", typed=False)
         seen["checked first"] = (app.session.text(), app.status)
-        await answer(app, pilot, "colon", "set seed 4")
+        await answer(app, pilot, "colon", "set seed 4", typed=False)
 
     seen = {}
     app = drive(six, steps)
