@@ -203,6 +203,10 @@ def test_a_command_line_runs_any_action(six):
         await answer(app, pilot, "colon", "back; greed 2", typed=False)
         seen["checked first"] = (app.session.text(), app.status)
         await answer(app, pilot, "colon", "set seed 4", typed=False)
+        await press(app, pilot, "question_mark")
+        seen["help"] = (len(app.screen_stack), "Backspace       go back one token (free)" in content(app.screen, "#help"))
+        await press(app, pilot, "escape")
+        seen["closed"] = len(app.screen_stack)
 
     seen = {}
     app = drive(six, steps)
@@ -211,6 +215,7 @@ def test_a_command_line_runs_any_action(six):
     assert seen["checked first"] == ("like cold", "error: action 2 (greed 2): unknown action 'greed' (known: take, back, "
                                      "greedy, sample, beam, exact, set, export, show, tree)")
     assert app.session.seed == 4 and app.status == "seed = 4"
+    assert seen["help"] == (2, True) and seen["closed"] == 1
 
 
 def test_screen_snapshot(six):

@@ -281,7 +281,8 @@ class ExploreApp(App):
     @on(Input.Changed, "#filter")
     def filtered(self, event: Input.Changed) -> None:
         self.query_text = event.value
-        self.fill_table()
+        if not self.busy:  # else the redraw after the job filters: the session is the job's until then
+            self.fill_table()
 
     @on(Input.Submitted, "#filter")
     def filter_done(self) -> None:
