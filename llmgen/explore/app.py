@@ -249,8 +249,7 @@ class ExploreApp(App):
         self.ask_then("extend greedily by how many tokens?", "5", "greedy")
 
     def action_sample(self) -> None:
-        seed = self.session.seed + self.session.samples_drawn
-        self.ask_then(f"sample how many tokens? (seed {seed})", "5", "sample")
+        self.ask_then(f"sample how many tokens? (seed {self.session.next_seed})", "5", "sample")
 
     def action_beam(self) -> None:
         self.ask_then("beam search from here: WIDTH N", "2 5", "beam")

@@ -136,9 +136,10 @@ def apply(session, action: Action) -> str:
             session.back()
         return f"back at depth {session.node.depth}"
     if name in ("greedy", "sample"):
+        seed = session.next_seed
         made = getattr(session, name)(args[0])
         return f"{name}: {len(made)} tokens, {session.ckpt.decode([n.token_id for n in made])!r}" + (
-            f" (seed {session.seed + session.samples_drawn - 1})" if name == "sample" else "")
+            f" (seed {seed})" if name == "sample" else "")
     if name == "beam":
         ends = session.beam(*args)
         return f"beam: {len(ends)} branches; the best ends {token_text(ends[0].token_id)!r} ({ends[0].marks['beam']})"

@@ -345,10 +345,15 @@ class Session:
         sampling = replace(self.gen.sampling, temperature=0.0, dynatemp_range=0.0)
         return self._decode(self._replayed(sampling, None), n, "greedy", "")
 
+    @property
+    def next_seed(self) -> int:
+        """The seed the next ``sample`` draws with."""
+        return self.seed + self.samples_drawn
+
     def sample(self, n: int) -> list[Node]:
         """Extend the path by up to ``n`` tokens drawn with the current settings, sample
         i of the session with seed + i: from the prompt, ``run --seed`` that seed's text."""
-        seed = self.seed + self.samples_drawn
+        seed = self.next_seed
         self.samples_drawn += 1
         return self._decode(self._replayed(self.gen.sampling, seed), n, "sampled", f"seed {seed}")
 
