@@ -65,7 +65,7 @@ def measure(ckpt, ids: list[int], steps: int) -> dict[str, list[float]]:
     forward = Forward(ckpt, ids)
     engine = Session(ckpt, ids, SETTINGS, seed=0)
     ranked = engine.candidates().ranked
-    app = ExploreApp(Session(ckpt, ids, SETTINGS, seed=0), PROMPT)
+    app = ExploreApp(Session(ckpt, ids, SETTINGS, seed=0, prompt=PROMPT))
     times: dict[str, list[float]] = {"forward": [], "engine": [], "app": [], "redraw": []}
     drawn: list[tuple[float, float]] = []
     redraw = app.redraw

@@ -1261,11 +1261,11 @@ def explore(
 
     ckpt = orch.load(model, device, dtype.value, threads=threads)
     ids = orch.prompt_ids(ckpt, text, truncate.value, 1, chat, system, chat_template)
-    session = Session(ckpt, ids, settings, seed, chat)
+    session = Session(ckpt, ids, settings, seed, chat, prompt=text)
     if script is None:
-        ExploreApp(session, text).run()
+        ExploreApp(session).run()
         return
-    _explore_script(session, text, actions, top, as_json)
+    _explore_script(session, actions, top, as_json)
 
 
 def _check_app(as_json: bool) -> None:
@@ -1281,7 +1281,7 @@ def _check_app(as_json: bool) -> None:
         raise UsageError("llmgen explore opens a full-screen app and needs a terminal: use --script for headless use")
 
 
-def _explore_script(session, prompt: str, actions, top: int, as_json: bool) -> None:
+def _explore_script(session, actions, top: int, as_json: bool) -> None:
     """--script: each action in turn; show prints the path and the candidates (a JSON
     record under --json), export writes its file; then the path's text, or the record."""
     from llmgen import render, render_explore
@@ -1291,46 +1291,42 @@ def _explore_script(session, prompt: str, actions, top: int, as_json: bool) -> N
     for i, action in enumerate(actions, 1):
         try:
             if action.name == "export":
-                render_explore.export(session, action.args[0], prompt)
+                render_explore.export(session, action.args[0])
             elif action.name == "show":
-                _explore_show(session, out, top, as_json, prompt)
+                _explore_show(session, out, top, as_json)
             elif action.name == "tree":
-                _explore_tree(session, out, as_json, prompt)
+                _explore_tree(session, out, as_json)
             else:
                 apply(session, action)
         except LlmgenError as e:
             where = UsageError if isinstance(e, UsageError) else LlmgenError  # keeps the exit code
             raise where(f"--script action {i} ({action.source}): {e}") from None
     if as_json:
-        _write_json({"prompt": prompt, **session.record()})
+        _write_json(session.record())
     else:
         out.print(session.text(), markup=False, highlight=False)
 
 
-def _explore_tree(session, out, as_json: bool, prompt: str) -> None:
+def _explore_tree(session, out, as_json: bool) -> None:
     from llmgen import render_explore
 
     if as_json:
-        _write_json({"event": "tree", "prompt": prompt, "tree": session.record()["tree"]})
+        _write_json({"event": "tree", "prompt": session.prompt, "tree": session.record()["tree"]})
         return
-    out.print(render_explore.explore_tree(session, prompt), soft_wrap=False)
+    out.print(render_explore.explore_tree(session), soft_wrap=False)
     out.print(render_explore.tree_legend(), soft_wrap=False)
 
 
-def _explore_show(session, out, top: int, as_json: bool, prompt: str) -> None:
+def _explore_show(session, out, top: int, as_json: bool) -> None:
     from llmgen import render_explore
 
-    cands = session.candidates()
-    node = session.node
     if as_json:
-        rows = cands.record(session.ckpt.token_text, cands.top(top)) if cands else []
-        _write_json({"event": "show", "prompt": prompt, "token_ids": session.tokens(), "text": session.text(),
-                     "cumulative": node.cumulative, "ended": node.ended, "samplers": cands.order if cands else [],
-                     "entropy": cands.entropy if cands else None, "candidates": rows})
+        _write_json(session.view_record(top))
         return
+    cands = session.candidates()
     out.print(render_explore.path_text(session))
     if cands is not None:
-        explored = {session.nodes[c].token_id for c in node.children}
+        explored = {session.nodes[c].token_id for c in session.node.children}
         out.print(render_explore.candidates_table(cands, cands.top(top), session.ckpt.token_text, explored, width=out.width),
                   soft_wrap=False)
         out.print(render_explore.candidates_summary(cands, session.seed))

@@ -94,7 +94,7 @@ def path_text(session) -> Text:
     return text
 
 
-def explore_tree(session, prompt: str, wrap: bool = True) -> Tree:
+def explore_tree(session, wrap: bool = True) -> Tree:
     """Every branch explored so far, drawn as the beam tree is (most probable first),
     the current path bold and the current node marked ▶. ``wrap=False`` keeps each
     node on one line, however long, for a pane that scrolls sideways."""
@@ -102,7 +102,7 @@ def explore_tree(session, prompt: str, wrap: bool = True) -> Tree:
     token_text = session.ckpt.token_text
     root_style = "bold reverse" if session.current == 0 else "bold"
     tree = Tree(Text.assemble(("▶ " if session.current == 0 else "", root_style), ("explored ", "dim"),
-                              (prompt_label(prompt), root_style)), guide_style="dim")
+                              (prompt_label(session.prompt), root_style)), guide_style="dim")
 
     def label(node):
         style = ("bold reverse" if node.id == session.current else "bold") if node.id in on_path else ""
@@ -143,15 +143,15 @@ def tree_line(session, node_id: int) -> int:
     raise ValueError(f"no node {node_id}")
 
 
-def export(session, path: str, prompt: str) -> None:
+def export(session, path: str) -> None:
     """Write the session to ``path``: ``.json`` its record, ``.svg`` or ``.html`` the
     tree and the path as Rich draws them (``Console.export_svg``/``export_html``)."""
     kind = Path(path).suffix.lower()
     if kind == ".json":
-        data = json.dumps({"prompt": prompt, **session.record()}, ensure_ascii=False, indent=1) + "\n"
+        data = json.dumps(session.record(), ensure_ascii=False, indent=1) + "\n"
     else:
         console = make_console(record=True, width=100, file=io.StringIO(), color_system="truecolor")
-        console.print(Group(explore_tree(session, prompt), tree_legend(), Text(""), path_text(session)))
+        console.print(Group(explore_tree(session), tree_legend(), Text(""), path_text(session)))
         data = console.export_svg(title="llmgen explore") if kind == ".svg" else console.export_html()
     try:
         Path(path).write_text(data, encoding="utf-8")

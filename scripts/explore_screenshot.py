@@ -47,8 +47,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build_six_word_model(Path(tmp))
         ckpt = orch.load(tmp, "cpu", "auto", threads=1)
-        session = Session(ckpt, orch.prompt_ids(ckpt, "I"), {"top_k": 3}, seed=1)
-        asyncio.run(walk(ExploreApp(session, "I"), output))
+        session = Session(ckpt, orch.prompt_ids(ckpt, "I"), {"top_k": 3}, seed=1, prompt="I")
+        asyncio.run(walk(ExploreApp(session), output))
     print(f"wrote {output} ({output.stat().st_size:,} bytes)")
 
 

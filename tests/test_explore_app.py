@@ -29,8 +29,8 @@ def six(six_dir):
 
 def drive(ckpt, steps, prompt="I", settings=None):
     """Open the app on ``prompt``, run ``steps(app, pilot)`` (a coroutine function), close it."""
-    session = Session(ckpt, orch.prompt_ids(ckpt, prompt), settings or {}, seed=1)
-    app = ExploreApp(session, prompt)
+    session = Session(ckpt, orch.prompt_ids(ckpt, prompt), settings or {}, seed=1, prompt=prompt)
+    app = ExploreApp(session)
 
     async def go():
         async with app.run_test(size=SIZE) as pilot:

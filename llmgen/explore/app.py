@@ -116,9 +116,9 @@ class ExploreApp(App):
         Binding("q", "quit", "quit"),
     ]
 
-    def __init__(self, session, prompt: str) -> None:
+    def __init__(self, session) -> None:
         super().__init__()
-        self.session, self.prompt = session, prompt
+        self.session = session
         self.busy = False
         self.model_thread = ThreadPoolExecutor(1, "llmgen-model", initializer=torch.set_num_threads,
                                                initargs=(torch.get_num_threads(),))
@@ -191,7 +191,7 @@ class ExploreApp(App):
         if message is not None:
             self.show_status(message)
         self.query_one("#path", Static).update(render_explore.path_text(session))
-        self.query_one("#tree", Static).update(render_explore.explore_tree(session, self.prompt, wrap=False))
+        self.query_one("#tree", Static).update(render_explore.explore_tree(session, wrap=False))
         self.fill_table()
         self.call_after_refresh(self.follow_current)
 
@@ -309,6 +309,6 @@ class ExploreApp(App):
         if action.name in ("show", "tree"):
             return "shown"
         if action.name == "export":
-            render_explore.export(session, action.args[0], self.prompt)
+            render_explore.export(session, action.args[0])
             return f"wrote {action.args[0]}"
         return script.apply(session, action)

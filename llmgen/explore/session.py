@@ -159,15 +159,16 @@ def entropy(p: torch.Tensor) -> float:
 class Session:
     """The explored tree, the current node, the sampler settings and the model's cache.
 
-    ``settings`` are the sampling flags as the CLI hands them over (None where not
+    ``prompt`` is the prompt's text as given (for records and titles; ``prompt_ids`` are
+    what the model reads). ``settings`` are the sampling flags as the CLI hands them over (None where not
     given); they layer over the model's generation_config as every command's do.
     ``seed`` is the seed of the sampler's random stages; sample i of the session (``s``)
     draws with seed + i, as ``run --num-samples`` does."""
 
     def __init__(self, ckpt, prompt_ids: list[int], settings: dict[str, Any], seed: int | None = None,
-                 chat: bool = False) -> None:
+                 chat: bool = False, prompt: str = "") -> None:
         self.ckpt, self.model = ckpt, ckpt.model
-        self.prompt_ids = list(prompt_ids)
+        self.prompt, self.prompt_ids = prompt, list(prompt_ids)
         self.chat = chat
         self.settings = {k: v for k, v in settings.items() if k != "max_new_tokens"}
         self.seed = orch.draw_seed() if seed is None else seed
@@ -449,8 +450,9 @@ class Session:
     # -- export
 
     def record(self) -> dict:
-        """The whole session as JSON: the shared fields for the current path (``text``,
-        ``token_ids``, ``logprobs``), the settings and seed, and the tree as nested
+        """The whole session as JSON: the shared fields for the current path (``prompt``,
+        ``text``, ``token_ids``, ``logprobs``, ``finish_reason``: ``eos`` where the text
+        ended, else null), the settings and seed, and the tree as nested
         nodes (``token_id``, ``token``, ``logprob``, ``cumulative``, ``marks``,
         ``current``: on the current path, ``children``), children most probable first."""
         on_path = {n.id for n in self.path()}
@@ -462,7 +464,18 @@ class Session:
                     "logprob": n.logprob, "cumulative": n.cumulative, "ended": n.ended, "marks": dict(n.marks),
                     "current": n.id in on_path, "children": [node(c) for c in kids]}
 
-        path = self.path()[1:]
-        return {"prompt_token_ids": self.prompt_ids, "text": self.text(), "token_ids": [n.token_id for n in path],
-                "logprobs": [n.logprob for n in path], "cumulative": self.node.cumulative, "seed": self.seed,
+        return {**self._path_record(), "logprobs": [n.logprob for n in self.path()[1:]],
+                "finish_reason": "eos" if self.node.ended else None, "seed": self.seed,
                 "settings": self.effective_settings(), "forward_passes": self.forward_passes, "tree": node(self.nodes[0])}
+
+    def _path_record(self) -> dict:
+        return {"prompt": self.prompt, "prompt_token_ids": self.prompt_ids, "text": self.text(), "token_ids": self.tokens(),
+                "cumulative": self.node.cumulative, "ended": self.node.ended}
+
+    def view_record(self, top: int) -> dict:
+        """``show`` as JSON: the current path, the chain's stages, the model's entropy,
+        and the ``top`` most probable candidates (``Candidates.record``)."""
+        cands = self.candidates()
+        rows = cands.record(self.ckpt.token_text, cands.top(top)) if cands else []
+        return {"event": "show", **self._path_record(), "samplers": cands.order if cands else [],
+                "entropy": cands.entropy if cands else None, "candidates": rows}
