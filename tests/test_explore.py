@@ -321,3 +321,14 @@ def test_eos_ends_a_branch(six_dir, capsys):
     show = json.loads(capsys.readouterr().out.splitlines()[0])
     end = next(c for c in show["candidates"] if c["token"] == "<end>")
     assert end["changed_by"] == ["logit-bias"] and end["final_prob"] > 0.99 and show["token_ids"] == [2]
+
+
+def test_the_context_ends_a_path(six_dir, capsys):
+    """The six-word model's context is 32 positions: greedy stops there, and a step past it
+    is an error naming it."""
+    argv = ["explore", "I", "--model", six_dir, "--json", "--script"]
+    assert main([*argv, "greedy 40"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert len(record["prompt_token_ids"]) + len(record["token_ids"]) == 32 and record["finish_reason"] == "context"
+    assert main([*argv, "greedy 40; take like"]) == 1
+    assert "action 2 (take like): the model's context (32 tokens) is full here" in capsys.readouterr().err

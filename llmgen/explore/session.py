@@ -451,8 +451,8 @@ class Session:
 
     def record(self) -> dict:
         """The whole session as JSON: the shared fields for the current path (``prompt``,
-        ``text``, ``token_ids``, ``logprobs``, ``finish_reason``: ``eos`` where the text
-        ended, else null), the settings and seed, and the tree as nested
+        ``text``, ``token_ids``, ``logprobs``, ``finish_reason``), the settings and seed, and
+        the tree as nested
         nodes (``token_id``, ``token``, ``logprob``, ``cumulative``, ``marks``,
         ``current``: on the current path, ``children``), children most probable first."""
         on_path = {n.id for n in self.path()}
@@ -465,8 +465,15 @@ class Session:
                     "current": n.id in on_path, "children": [node(c) for c in kids]}
 
         return {**self._path_record(), "logprobs": [n.logprob for n in self.path()[1:]],
-                "finish_reason": "eos" if self.node.ended else None, "seed": self.seed,
+                "finish_reason": self.finish_reason(), "seed": self.seed,
                 "settings": self.effective_settings(), "forward_passes": self.forward_passes, "tree": node(self.nodes[0])}
+
+    def finish_reason(self) -> str | None:
+        """Why the current path can go no further, as ``run`` words it: ``eos`` (its last
+        token ends the text), ``context`` (the model's context is full), else None."""
+        if self.node.ended:
+            return "eos"
+        return "context" if len(self.prompt_ids) + self.node.depth >= self.context else None
 
     def _path_record(self) -> dict:
         return {"prompt": self.prompt, "prompt_token_ids": self.prompt_ids, "text": self.text(), "token_ids": self.tokens(),
