@@ -16,9 +16,11 @@ Samplers. The chain's stages may keep state (penalties count the text, mirostat 
 its target, XTC draws from a seeded generator), so a node's candidates depend on the
 path to it. Each node keeps the chain as it stands there: its parent's chain, deep
 copied, having heard the node's token as ``score --sampler`` feeds a given text
-(``judge``, then ``accept``). A node's candidates are therefore what ``probs`` shows
-for that path, and its tokens' sampler probabilities what ``score --sampler`` gives;
-a step copies one chain rather than replaying the path. Changing a setting drops
+(``accept``, after ``judge`` on the parent's logits when a stage draws or the terminal
+moves with each token). A node's candidates are the chain's at that point of
+decoding: its tokens' sampler probabilities are what ``score --sampler`` gives for the
+path, and what ``probs`` shows for the path as a prompt wherever no stage carries
+state from step to step. A step copies one chain rather than replaying the path. Changing a setting drops
 every chain, and the current node's is rebuilt along its path.
 """
 
@@ -37,8 +39,6 @@ from llmgen import orchestrate as orch
 from llmgen.errors import LlmgenError
 from llmgen.sampling import build_sampler
 from llmgen.sampling.stage import stable_order
-
-MARKS = ("greedy", "sampled", "beam", "exact")  # how a branch was made, besides by hand
 
 
 @dataclass
