@@ -236,3 +236,22 @@ def test_screen_snapshot(six):
     if os.environ.get("LLMGEN_UPDATE_SNAPSHOTS"):
         path.write_text(shot["text"])
     assert shot["text"] == path.read_text()
+
+
+def test_settings_that_leave_no_token_are_an_error_not_a_crash(six):
+    """With every word used once, no-repeat-ngram 1 bans them all and min-new-tokens the
+    end token: the job and the table say so, and the app goes on."""
+    seen = {}
+
+    async def steps(app, pilot):
+        await answer(app, pilot, "colon", "take like; take cold; take coffee; take water; take stop", typed=False)
+        seen["stuck"] = (app.status, content(app, "#summary"), app.query_one("DataTable").row_count)
+        await press(app, pilot, "backspace")
+        seen["back"] = (app.session.text(), app.query_one("DataTable").row_count, content(app, "#summary"))
+
+    drive(six, steps, settings={"no_repeat_ngram_size": 1, "min_new_tokens": 10})
+    status, summary, rows_left = seen["stuck"]
+    assert status.startswith("error: every token is banned at this step") and "every token is banned" in summary
+    text, rows_back, summary_back = seen["back"]
+    assert rows_left == 0 and (text, rows_back) == ("like cold coffee water", 7)
+    assert "1 of 7 tokens can be drawn" in summary_back  # "stop": the rest are used, or the end token

@@ -206,9 +206,14 @@ class ExploreApp(App):
         """The candidates at the current node, filtered by the query; columns change only
         when the chain's stages do."""
         session, table = self.session, self.query_one(DataTable)
-        cands = session.candidates()  # the worker computed them: no model work here
         summary = self.query_one("#summary", Static)
         self.table_node = session.current
+        try:
+            cands = session.candidates()  # the worker computed them: no model work here
+        except LlmgenError as e:  # the settings leave no token here: the job said so too
+            table.clear()
+            summary.update(f"error: {e}")
+            return
         if cands is None:
             table.clear()
             summary.update("■ the text ended here: Backspace goes back" if session.node.ended else "")
