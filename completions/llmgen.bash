@@ -6,7 +6,7 @@ _llmgen() {
     cmd=""
     for ((i = 1; i < COMP_CWORD; i++)); do
         case "${COMP_WORDS[i]}" in
-            run|beam|exact|probs|compare|score|chat|info|batch|convert|pull|rm|list|train|lens) cmd="${COMP_WORDS[i]}"; break ;;
+            run|beam|exact|probs|compare|score|chat|info|batch|convert|pull|rm|list|train|lens|explore) cmd="${COMP_WORDS[i]}"; break ;;
         esac
     done
     case "$prev" in
@@ -85,9 +85,10 @@ _llmgen() {
         --init) COMPREPLY=($(compgen -d -- "$cur")); return ;;
         --pairs) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --position) return ;;
+        --script) return ;;
     esac
     case "$cmd" in
-        "") COMPREPLY=($(compgen -W "run beam exact probs compare score chat info batch convert pull rm list train lens --debug --version --help" -- "$cur")) ;;
+        "") COMPREPLY=($(compgen -W "run beam exact probs compare score chat info batch convert pull rm list train lens explore --debug --version --help" -- "$cur")) ;;
         run) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --seed -s --num-samples --stop --ignore-eos --echo --show-probs --logprobs --prompt-logprobs --color-by --show-tree --show-prompt --stream --separator --draft-model --draft-tokens --prompt-lookup --show-speculation --truncate --errors --chat --system --chat-template --threads --device --dtype --json --max-new-tokens -n --temperature -t --top-k -k --top-p -p --min-p --typical-p --epsilon-cutoff --eta-cutoff --top-n-sigma --xtc-probability --xtc-threshold --dynatemp-range --dynatemp-exponent --repetition-penalty --presence-penalty --frequency-penalty --repeat-last-n --dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --no-repeat-ngram-size --min-new-tokens --bad-words --logit-bias --mirostat --mirostat-tau --mirostat-eta --samplers --help -h" -- "$cur")) ;;
         beam) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --width -w --logprobs --max-new-tokens -n --length-penalty --num-return --no-repeat-ngram-size --early-stopping --show-tree --tree-top --tree-depth --echo --truncate --errors --chat --system --chat-template --threads --device --dtype --json --help -h" -- "$cur")) ;;
         exact) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --max-new-tokens -n --max-expansions --top --show-tree --tree-top --tree-depth --echo --truncate --errors --chat --system --chat-template --threads --device --dtype --json --help -h" -- "$cur")) ;;
@@ -103,6 +104,7 @@ _llmgen() {
         list) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--available --json --help -h" -- "$cur")) ;;
         train) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--output -o --preset --steps --batch-size --context --lr --vocab-size --layers --dim --heads --bf16 --no-bf16 --seed -s --init --pairs --resume --no-resume --threads --device --help -h" -- "$cur")) || COMPREPLY=($(compgen -f -- "$cur")) ;;
         lens) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --position --top --errors --chat --system --chat-template --threads --device --dtype --json --help -h" -- "$cur")) ;;
+        explore) [[ "$cur" == -* ]] && COMPREPLY=($(compgen -W "--prompt-file -f --model -m --seed -s --script --top --truncate --errors --chat --system --chat-template --threads --device --dtype --json --temperature -t --top-k -k --top-p -p --min-p --typical-p --epsilon-cutoff --eta-cutoff --top-n-sigma --xtc-probability --xtc-threshold --dynatemp-range --dynatemp-exponent --repetition-penalty --presence-penalty --frequency-penalty --repeat-last-n --dry-multiplier --dry-base --dry-allowed-length --dry-penalty-last-n --dry-sequence-breaker --no-repeat-ngram-size --min-new-tokens --bad-words --logit-bias --mirostat --mirostat-tau --mirostat-eta --samplers --help -h" -- "$cur")) ;;
     esac
 }
 complete -o filenames -F _llmgen llmgen

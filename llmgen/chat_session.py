@@ -139,17 +139,8 @@ class ChatSession:
         """``/set NAME VALUE``: any sampling setting, checked like its flag."""
         from llmgen import config
 
-        key = name.replace("-", "_")
-        if key not in config.BY_NAME:
-            raise LlmgenError(f"no setting {name!r} (see llmgen run --help)")
-        setting = config.BY_NAME[key]
-        try:
-            parsed = [value] if setting.many else setting.kind(value)
-        except ValueError:
-            raise LlmgenError(f"{name} takes a {setting.kind.__name__}, got {value!r}") from None
-        normalised = config.normalise(key, parsed)
-        config.check_given({key: normalised})
-        self.settings[key] = normalised
+        key, value = config.parse_text(name, value)
+        self.settings[key] = value
 
     def save(self, path: Path) -> None:
         """The transcript as JSONL: one message a line, the system message first."""

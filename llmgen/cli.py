@@ -1216,6 +1216,124 @@ def lens(
     out.print(render.lens_table(result, ckpt.token_text, [ckpt.token_text(t) for t in ids], out.width), soft_wrap=False)
 
 
+ScriptOpt = Annotated[Optional[str], typer.Option(
+    "--script", metavar="ACTIONS", show_default=False,
+    help="Run these actions without the app, separated by ';': take 'TEXT' | take id N, back [N], greedy N, sample N, "
+         "beam WIDTH N, exact N, set NAME VALUE, show (the path and candidates), tree, export PATH (.json, .svg, "
+         ".html). Prints each show and tree, then the path's text (--json: a record for each, then the session's).")]
+
+
+@app.command()
+@with_settings(*SAMPLING)
+def explore(
+    prompt: PromptArg = None,
+    prompt_file: PromptFileOpt = None,
+    model: ModelOpt = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", "-s", help="Seed of the sampler's random stages; sample i of the session (s) draws with seed + i. Default: random, and reported.")] = None,
+    script: ScriptOpt = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="Rows of each table that --script's show prints.")] = 10,
+    truncate: TruncateOpt = Truncate.none,
+    errors: ErrorsOpt = Errors.strict,
+    chat: ChatOpt = False,
+    system: SystemOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    as_json: JsonOpt = False,
+    settings: dict | None = None,
+) -> None:
+    """Walk the tree of possible continuations yourself, in a full-screen app: each candidate next token with its probability before and after every sampler stage; take one, go back, try another branch, extend greedily, sample, or graft a beam or exact search onto the tree.
+
+    Keys: Enter take, Backspace back, g greedy, s sample, b beam, x exact, t/k/p/m/r settings, : any action, / filter, e export, ? help, q quit. Needs Textual (pip install '.[tui]'); --script runs the same actions without it.
+    """
+    from llmgen import orchestrate as orch
+
+    config.check_seed(seed)
+    system = orch.check_chat(chat, system, chat_template, errors.value)
+    if script is None:
+        _check_app(as_json)
+        from llmgen.explore.app import ExploreApp
+    else:
+        from llmgen.explore.script import parse
+
+        actions = parse(script)
+    text = orch.read_prompt(prompt, errors.value, prompt_file)
+    from llmgen.explore.session import Session
+
+    ckpt = orch.load(model, device, dtype.value, threads=threads)
+    ids = orch.prompt_ids(ckpt, text, truncate.value, 1, chat, system, chat_template)
+    session = Session(ckpt, ids, settings, seed, chat, prompt=text)
+    if script is None:
+        ExploreApp(session).run()
+        return
+    _explore_script(session, actions, top, as_json)
+
+
+def _check_app(as_json: bool) -> None:
+    """The app's preconditions, before any model loads: Textual, and a terminal."""
+    import importlib.util
+
+    if as_json:
+        raise UsageError("--json goes with --script (the app draws on the terminal)")
+    if importlib.util.find_spec("textual") is None:
+        raise LlmgenError("llmgen explore needs Textual: pip install 'textual>=8' (or, in llmgen's source tree, "
+                          "pip install '.[tui]'); --script runs without it")
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UsageError("llmgen explore opens a full-screen app and needs a terminal: use --script for headless use")
+
+
+def _explore_script(session, actions, top: int, as_json: bool) -> None:
+    """--script: each action in turn; show prints the path and the candidates (a JSON
+    record under --json), export writes its file; then the path's text, or the record."""
+    from llmgen import render, render_explore
+    from llmgen.explore.script import apply
+
+    out = render.stdout_console()
+    for i, action in enumerate(actions, 1):
+        try:
+            if action.name == "export":
+                render_explore.export(session, action.args[0])
+            elif action.name == "show":
+                _explore_show(session, out, top, as_json)
+            elif action.name == "tree":
+                _explore_tree(session, out, as_json)
+            else:
+                apply(session, action)
+        except LlmgenError as e:
+            where = UsageError if isinstance(e, UsageError) else LlmgenError  # keeps the exit code
+            raise where(f"--script action {i} ({action.source}): {e}") from None
+    if as_json:
+        _write_json(session.record())
+    else:
+        out.print(session.text(), markup=False, highlight=False)
+
+
+def _explore_tree(session, out, as_json: bool) -> None:
+    from llmgen import render_explore
+
+    if as_json:
+        _write_json({"event": "tree", "prompt": session.prompt, "tree": session.record()["tree"]})
+        return
+    out.print(render_explore.explore_tree(session), soft_wrap=False)
+    out.print(render_explore.tree_legend(), soft_wrap=False)
+
+
+def _explore_show(session, out, top: int, as_json: bool) -> None:
+    from llmgen import render_explore
+
+    if as_json:
+        _write_json(session.view_record(top))
+        return
+    cands = session.candidates()
+    out.print(render_explore.path_text(session))
+    if cands is not None:
+        explored = {session.nodes[c].token_id for c in session.node.children}
+        out.print(render_explore.candidates_table(cands, cands.top(top), session.ckpt.token_text, explored, width=out.width),
+                  soft_wrap=False)
+        out.print(render_explore.candidates_summary(cands, session.seed))
+
+
 def _fail(message: str, code: int) -> int:
     sys.stderr.write(f"llmgen: {message}\n")
     return code

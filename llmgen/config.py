@@ -87,7 +87,7 @@ def parse_bias(spec: str) -> tuple[str, float]:
     return token, value
 
 
-def _escapes(text: str) -> str:
+def read_escapes(text: str) -> str:
     """``\\n``, ``\\t``, ``\\"`` and ``\\\\`` as typed on a command line, as llama.cpp reads them."""
     return re.sub(r"\\([nt\"\\])", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), text)
 
@@ -185,8 +185,25 @@ def normalise(name: str, value: Any) -> Any:
         return value
     values = tuple(value)
     if name == "dry_sequence_breakers":
-        values = () if values == ("none",) else tuple(_escapes(v) for v in values)
+        values = () if values == ("none",) else tuple(read_escapes(v) for v in values)
     return values
+
+
+def parse_text(name: str, text: str) -> tuple[str, Any]:
+    """A setting typed as words rather than flags (chat's ``/set``, explore's ``set``):
+    its field name (dashes or underscores) and its value, parsed and checked as its flag
+    would be. A repeatable setting takes the one value given."""
+    key = name.replace("-", "_")
+    if key not in BY_NAME:
+        raise UsageError(f"no setting {name!r} (see llmgen run --help)")
+    setting = BY_NAME[key]
+    try:
+        parsed = [text] if setting.many else setting.kind(text)
+    except ValueError:
+        raise UsageError(f"{name} takes a {setting.kind.__name__}, got {text!r}") from None
+    value = normalise(key, parsed)
+    check_given({key: value})
+    return key, value
 
 
 def check_given(values: dict[str, Any]) -> None:

@@ -394,23 +394,17 @@ def search_tree(tree, token_text, prompt: str, title: str, top: int | None = Non
     root = Tree(Text.assemble((title + " ", "dim"), (prompt_label(prompt), "bold")), guide_style="dim")
 
     def label(node) -> Table:
-        """The token in a column of its own that never wraps, the numbers beside it
-        wrapping between fields when the terminal is narrow: nothing is ever cut."""
         on_path = node.id in best
         style = "bold green" if on_path else STATUS_STYLE.get(node.status, "")
         token = Text("★ " if on_path else "", style=style)
         token.append(token_label(token_text(node.token_id)), style=style)
-        stats = Text(f"p={math.exp(node.logprob):.3f}  Σ={node.cumulative:.3f}", style="green" if on_path else "dim")
+        stats = tree_stats(node.logprob, node.cumulative, "green" if on_path else "dim")
         if node.status == "finished":
             score = f" score={node.score:.3f}" if node.score is not None else ""
             stats.append(f"  ■ end{score}", style="bold green" if on_path else "cyan")
         elif node.status == "pruned":
             stats.append("  ✗", style="dim")
-        grid = Table.grid(padding=(0, 2))
-        grid.add_column(no_wrap=True)
-        grid.add_column()
-        grid.add_row(token, stats)
-        return grid
+        return tree_label(token, stats)
 
     def rest_of_answer(node_id: int) -> Text:
         """Past the depth limit: the answer's remaining steps as one line."""
@@ -447,6 +441,22 @@ def search_tree(tree, token_text, prompt: str, title: str, top: int | None = Non
 
     add(root, tree.nodes[0].id, 0)
     return root
+
+
+def tree_stats(logprob: float, cumulative: float, style: str) -> Text:
+    """A tree node's numbers: its token's probability and the path's log-probability."""
+    return Text(f"p={math.exp(logprob):.3f}  Σ={cumulative:.3f}", style=style)
+
+
+def tree_label(token: Text, stats: Text) -> Table:
+    """A tree node's line: the token in a column of its own that never wraps, the
+    numbers beside it wrapping between fields when the terminal is narrow: nothing is
+    ever cut."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    grid.add_row(token, stats)
+    return grid
 
 
 def prob_text(p: float) -> str:

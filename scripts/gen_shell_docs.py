@@ -48,6 +48,8 @@ EXAMPLES = [
     ('llmgen beam "I like" --width 2 --show-tree', "Beam search, drawing the search tree."),
     ('llmgen exact "I like" -n 4', "The provably most probable 4-token continuation."),
     ('llmgen probs "I like" -t 0.7 -k 5', "The next-token distribution before and after the filters."),
+    ('llmgen explore "I like" -t 0.8 -p 0.95', "Walk the tree of continuations by hand, in a full-screen app."),
+    ("llmgen explore \"I like\" --script \"take ' a'; greedy 3; export tree.json\"", "The same actions without the app; writes the tree."),
     ("echo 'Once upon a time' | llmgen run -t 0 -n 20", "Greedy continuation of a prompt read from a pipe."),
     ("llmgen batch prompts.jsonl -o out.jsonl --seed 1", "Generate for a file of prompts; rerun to resume."),
     ("llmgen train books/*.txt --output my-model --preset small", "Train a tokenizer and model from text files."),

@@ -62,3 +62,9 @@ def test_llamacpp_bench_runs(tmp_path):
     assert {"llmgen float32", "llmgen int8", "llmgen int4"} <= rows, out
     if "llama-cpp-python is not installed" not in out:  # GPT-2's GGUF is not convertible: said, and left out
         assert "no 'kept' rows" in out and "llmgen Q4_0 kept" not in rows, out
+
+
+def test_explore_bench_runs(tmp_path):
+    out = _run(tmp_path, str(BENCH / "explore.py"), "--model", "embedded", "--steps", "2", "--threads", "1")
+    name, forward, _, engine, _, app, _, redraw, *_ = out.splitlines()[-1].split()
+    assert name == "embedded" and 0 < float(forward) and 0 < float(engine) and float(redraw) < float(app)

@@ -35,10 +35,16 @@ FLAGS = {
     "probs": ["--steps", "--top", "-t", "-k", "-p", "--min-p", "--seed", *SAMPLERS],
     "compare": ["-n", "-w", "-t", "-k", "-p", "--seed", "--max-expansions"],
     "score": ["--errors"],
+    "explore": ["--script", "-t", "-k", "-p", "--seed", "--top", "--truncate", *SAMPLERS],
 }
 SWITCHES = {"run": ["--json", "--echo", "--ignore-eos", "--show-probs", "--show-tree"], "beam": ["--json", "--show-tree", "--early-stopping"],
-            "exact": ["--json", "--show-tree"], "probs": ["--json"], "compare": ["--json"], "score": ["--json"]}
+            "exact": ["--json", "--show-tree"], "probs": ["--json"], "compare": ["--json"], "score": ["--json"],
+            "explore": ["--json"]}
 TEXT = st.text(st.characters(codec="utf-8") | st.sampled_from(["\udcff", "\x00", "\n", "…"]), max_size=40)
+ACTIONS = st.sampled_from(["take like", "take id 3", "take id 99", "take 'cold water'", "take '\\n'", "take ''", "back",
+                           "back 3", "greedy 2", "sample 3", "beam 2 2", "exact 2", "set top-k 2", "set seed -1",
+                           "set temperature 0", "set mirostat 2", "show", "tree", "greedy 40", "take 'a"])
+SCRIPTS = st.lists(ACTIONS | TEXT, max_size=5).map("; ".join)  # no export: it would write files
 
 
 @st.composite
@@ -47,7 +53,7 @@ def invocations(draw):
     argv = [cmd]
     for flag in draw(st.lists(st.sampled_from(FLAGS[cmd]), max_size=4, unique=True)):
         value = draw(st.one_of(NUMBERS, st.sampled_from(["none", "left", "strict", "replace", "top-k,xtc", "coffee=-inf", "5=2"]), TEXT))
-        argv += [flag, value]
+        argv += [flag, draw(SCRIPTS) if flag == "--script" else value]
     argv += draw(st.lists(st.sampled_from(SWITCHES[cmd]), max_size=2, unique=True))
     stdin = b""
     if draw(st.booleans()):

@@ -6,6 +6,7 @@ removed or moved) while it chooses the token to follow, in one pass.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ class StepDistribution:
     raw: list[float]
     tempered: list[float]
     final: list[float]
-    removed_by: list[str | None]
+    removed_by: Sequence[str | None]  # the chain's RemovedBy: a stage's name per token, named when read
     chosen: int
     order: list[str] = field(default_factory=list)  # the stages that ran, terminal last
     changed_by: dict[int, list[str]] = field(default_factory=dict)

@@ -19,7 +19,7 @@ without speculation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -99,14 +99,35 @@ class Explanation:
     reshapes rather than removes (penalties, temperature), ``final`` the one the token
     is chosen from. ``removed_by[t]`` names the first stage that removed token t (None if
     it survived); ``changed_by[t]`` the stages that moved its logit and kept it.
+    ``stages`` holds each stage's name and the distribution right after it (its logits
+    renormalised), in chain order: how the probabilities move from ``raw`` to ``final``.
     """
 
     order: list[str]
     raw: torch.Tensor
     tempered: torch.Tensor
     final: torch.Tensor
-    removed_by: list[str | None]
+    removed_by: Sequence[str | None]
     changed_by: dict[int, list[str]] = field(default_factory=dict)
+    stages: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+
+
+class RemovedBy(Sequence):
+    """``removed_by[t]``: the name of the stage that removed token t, or None. Held as one
+    stage number per token and named when asked: a vocabulary-long list of names took
+    milliseconds a step to build, for the few rows a view shows."""
+
+    def __init__(self, order: list[str], removed_at: torch.Tensor) -> None:
+        self.order, self.removed_at = order, removed_at  # (vocab,): 0 kept, i the i-th of ``order``
+
+    def __len__(self) -> int:
+        return len(self.removed_at)
+
+    def __getitem__(self, token):
+        if isinstance(token, slice):
+            return [self[t] for t in range(len(self))[token]]
+        at = int(self.removed_at[token])
+        return self.order[at - 1] if at else None
 
 
 @dataclass(frozen=True)
@@ -126,6 +147,14 @@ class Sampler:
         self.rows, self.stages, self.terminal = rows, stages, terminal
         # Truncation always leaves a token; only the constraints can ban every one.
         self.can_ban_all = any(s.name in CONSTRAINTS for s in stages)
+
+    @property
+    def judges_by_logits(self) -> bool:
+        """Whether a given token changes the chain beyond ``accept``: a stage draws in
+        ``apply`` (XTC) or the terminal moves with each token's probability (mirostat),
+        so a text fed to it must go through ``judge`` with each step's logits. Otherwise
+        ``accept`` alone leaves the chain exactly where ``judge`` then ``accept`` would."""
+        return self.terminal.observes or any(stage.draws for stage in self.stages)
 
     @property
     def order(self) -> list[str]:
@@ -154,40 +183,41 @@ class Sampler:
         """One token per row, ``(rows,)``; call ``accept`` with it before the next step."""
         return self.terminal.choose(self.process(logits.float()))
 
-    def explain(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[Explanation]]:
+    def explain(self, logits: torch.Tensor, choose: bool = True) -> tuple[torch.Tensor | None, list[Explanation]]:
         """``choose``, recording what every stage did to each row on the way (one pass,
-        so random stages draw exactly as they would without it)."""
+        so random stages draw exactly as they would without it). With ``choose=False``
+        nothing is drawn and the token is None: only the account (the stages still run,
+        so a random stage still draws its step's number)."""
         _check_model(logits)
         after = [logits.float()]
         for stage in self.stages:
             after.append(stage.apply(after[-1]))
         self._check_not_empty(after[-1])
         final = self.terminal.distribution(after[-1])
-        chosen = self.terminal.choose(after[-1])
+        chosen = self.terminal.choose(after[-1]) if choose else None
         return chosen, [self._explain_row(after, final, row) for row in range(logits.shape[0])]
 
     def _explain_row(self, after: list[torch.Tensor], final: torch.Tensor, row: int) -> Explanation:
-        removed: list[str | None] = [None] * after[0].shape[-1]
+        removed_at = torch.zeros(after[0].shape[-1], dtype=torch.long, device=final.device)  # 0: kept; i: stage i
         changed: dict[int, list[str]] = {}
         reshaped = 0  # index in ``after`` of the last reshaping stage's output
         for i, stage in enumerate(self.stages, 1):
             before, now = after[i - 1][row], after[i][row]
-            for tok in torch.nonzero(torch.isfinite(before) & ~torch.isfinite(now)).flatten().tolist():
-                removed[tok] = stage.name
+            removed_at.masked_fill_(torch.isfinite(before) & ~torch.isfinite(now), i)  # a removed token stays removed
             if not stage.truncates:
                 reshaped = i
                 if stage.name != "temperature":
                     for tok in torch.nonzero(torch.isfinite(now) & (now != before)).flatten().tolist():
                         changed.setdefault(tok, []).append(stage.name)
-        for tok in torch.nonzero((final[row] == 0) & torch.isfinite(after[-1][row])).flatten().tolist():
-            removed[tok] = self.terminal.name
+        removed_at.masked_fill_((final[row] == 0) & torch.isfinite(after[-1][row]), len(self.stages) + 1)
         return Explanation(
             self.order,
             torch.softmax(after[0][row], -1),
             torch.softmax(after[reshaped][row], -1),
             final[row],
-            removed,
+            RemovedBy(self.order, removed_at.cpu()),
             changed,
+            [(stage.name, torch.softmax(after[i][row], -1)) for i, stage in enumerate(self.stages, 1)],
         )
 
     def judge(self, logits: torch.Tensor, tokens: list[int]) -> tuple[list[float], list[str | None]]:

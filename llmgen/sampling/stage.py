@@ -72,6 +72,7 @@ class Stage:
     name: str = "stage"
     warper: bool = True
     truncates: bool = False  # only removes tokens, never moves a kept token's logit
+    draws: bool = False  # ``apply`` draws random numbers (so each step's call counts)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:  # (rows, vocab) -> (rows, vocab)
         raise NotImplementedError
@@ -94,6 +95,7 @@ class Terminal:
     """The chain's last stage: turns the processed logits into one token per row."""
 
     name: str = "terminal"
+    observes: bool = False  # ``observe`` changes its state (a given token must be judged, not just accepted)
 
     def distribution(self, logits: torch.Tensor) -> torch.Tensor:
         """The probabilities the token is chosen by, ``(rows, vocab)``, without choosing."""

@@ -91,6 +91,7 @@ class Mirostat(Terminal):
     """
 
     name = "mirostat"
+    observes = True
 
     def __init__(self, rows: Rows, version: int, tau: float, eta: float, vocab_size: int) -> None:
         self.version, self.tau, self.eta, self.vocab_size = version, tau, eta, vocab_size

@@ -162,6 +162,7 @@ class XTC(Truncation):
     from its own generator, seeded from the row's seed but apart from the draw's."""
 
     name = "xtc"
+    draws = True
 
     def __init__(self, rows: Rows, probability: float, threshold: float) -> None:
         self.probability, self.threshold = probability, threshold
