@@ -110,6 +110,7 @@ def generate_batch(
         tokens = next_ids.tolist()
         clock.chose()
         sampler.accept(tokens)
+        removed = sampler.removed_mass()
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = logprobs.gather(-1, next_ids[:, None])[:, 0].tolist()
         entropy = entropies(logprobs).tolist()
@@ -118,7 +119,10 @@ def generate_batch(
         for slot, (row, token) in enumerate(zip(live, tokens)):
             at_limit = last[row][1] if step + 1 == last[row][0] else None
             samples[row].entropies.append(entropy[slot])
-            delta = record_token(samples[row], texts[row], token, chosen[slot], alternatives(top, slot), stop_ids, at_limit)
+            if removed is not None:
+                samples[row].constraint_removed.append(removed[slot])
+            delta = record_token(samples[row], texts[row], token, chosen[slot], alternatives(top, slot), stop_ids, at_limit,
+                                 sampler.complete(slot))
             if samples[row].finish_reason is None:
                 keep.append(slot)
             if on_token is not None:
@@ -215,16 +219,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def record_token(sample: Sample, text: ContinuationText, token: int, logprob: float, alts, stop_ids, at_limit: str | None) -> str:
+def record_token(sample: Sample, text: ContinuationText, token: int, logprob: float, alts, stop_ids, at_limit: str | None,
+                 complete: bool = False) -> str:
     """Append one chosen token to its sample (with its ``alts`` when tracing, else None)
     and say whether it finished (``at_limit``: the finish reason if this was its last
-    allowed token); returns the text that became safe to show."""
+    allowed token; ``complete``: the constraint finished the text, with this token or by
+    taking EOS); returns the text that became safe to show."""
     sample.token_ids.append(token)
     sample.logprobs.append(logprob)
     if alts is not None:
         sample.steps.append(Step(token, logprob, alts))
     delta = ""
-    if token in stop_ids:
+    if complete:
+        sample.finish_reason = "constraint"
+        if token not in stop_ids:
+            delta, _ = text.push(token)
+    elif token in stop_ids:
         sample.finish_reason = "eos"
     else:
         delta, stopped = text.push(token)

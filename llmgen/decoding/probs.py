@@ -26,6 +26,13 @@ class StepDistribution:
     order: list[str] = field(default_factory=list)  # the stages that ran, terminal last
     changed_by: dict[int, list[str]] = field(default_factory=dict)
 
+    @property
+    def constraint_removed(self) -> float | None:
+        """The model's probability of the tokens a constraint removed (None without one)."""
+        if "constraint" not in self.order:
+            return None
+        return sum(p for p, stage in zip(self.raw, self.removed_by) if stage == "constraint")
+
 
 @torch.inference_mode()
 def follow(

@@ -1,0 +1,116 @@
+"""The constraint stage: a grammar (JSON Schema, regex, choices, Lark) that masks every
+token which would take the text out of its language.
+
+It runs first in the chain, so every later stage sees the constrained distribution.
+Each row owns an llguidance matcher, advanced in ``accept``; rows that beam search
+duplicates get copies (``keep``), and speculative drafts are taken back by rolling the
+matchers back (``save``/``restore``). The end-of-sequence token passes the mask only
+where the grammar accepts the text so far; ``complete`` says when a row's text is
+finished (the grammar allows nothing more, or it took the EOS token), which the decode
+loops report as ``finish_reason: "constraint"``.
+
+``removed`` is what the constraint cost at the last step: per row, the probability the
+model's own distribution gave the tokens it masked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmgen.errors import LlmgenError
+from llmgen.sampling.stage import NEG_INF, Rows, Stage
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def allowed_tokens(grammar, matchers: list, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Which tokens each of ``grammar``'s matchers allows next, ``(rows, vocab_size)`` bool."""
+    import llguidance.torch as lt
+
+    mask = lt.allocate_token_bitmask(len(matchers), grammar.adapter.vocab_size)  # (rows, words) int32, 32 tokens a word
+    for row, m in enumerate(matchers):
+        lt.fill_next_token_bitmask(m, mask, row)
+    bits = (mask[:, :, None] >> _BITS) & 1  # (rows, words, 32)
+    return bits.reshape(len(matchers), -1)[:, :vocab_size].bool().to(device)
+
+
+class Constrain(Stage):
+    """Mask the tokens the grammar does not allow next (see the module's docstring)."""
+
+    name = "constraint"
+    warper = False
+    truncates = True
+
+    def __init__(self, rows: Rows, grammar) -> None:
+        self.grammar = grammar
+        self.matchers = [grammar.matcher() for _ in range(len(rows))]
+        self.consumed = [0] * len(rows)
+        self.removed: list[float] = [0.0] * len(rows)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        allowed = allowed_tokens(self.grammar, self.matchers, logits.shape[-1], logits.device)
+        stuck = [row for row in range(len(self.matchers)) if not allowed[row].any() and not self.matchers[row].is_error()]
+        if stuck:
+            raise LlmgenError(f"the {self.grammar.kind.replace('_', ' ')} constraint cannot go on with this model's "
+                              "vocabulary: no token continues the text it has so far")
+        probs = torch.softmax(logits, dim=-1)
+        self.removed = probs.masked_fill(allowed, 0.0).sum(-1).tolist()
+        return logits.masked_fill(~allowed, NEG_INF)
+
+    def accept(self, tokens: list[int]) -> None:
+        for row, (m, token) in enumerate(zip(self.matchers, tokens)):
+            m.consume_token(token)  # a token outside the language (a scored text) leaves m in an error state that allows nothing
+            self.consumed[row] += 1
+
+    def keep(self, rows: list[int]) -> None:
+        seen: set[int] = set()
+        matchers = []
+        for r in rows:  # a row kept twice (beam search) gets a copy of its own
+            matchers.append(self.matchers[r] if r not in seen else self.matchers[r].deep_copy())
+            seen.add(r)
+        self.matchers = matchers
+        self.consumed = [self.consumed[r] for r in rows]
+        self.removed = [self.removed[r] for r in rows]
+
+    def save(self) -> list[int]:
+        return list(self.consumed)
+
+    def restore(self, saved: list[int]) -> None:
+        for m, now, then in zip(self.matchers, self.consumed, saved):
+            if now > then:
+                m.rollback(now - then)
+        self.consumed = list(saved)
+
+    def complete(self, row: int) -> bool:
+        """The row's text is finished: the grammar allows nothing more, or took EOS."""
+        m = self.matchers[row]
+        return m.is_stopped() and not m.is_error()
+
+
+class Matchers:
+    """One matcher per sequence, for the searches that keep their own rows rather than a
+    sampler chain (beam, exact): which tokens each allows, whether a token would finish
+    one, and the rows that go on after a step."""
+
+    def __init__(self, grammar, rows: int) -> None:
+        self.grammar = grammar
+        self.rows = [grammar.matcher() for _ in range(rows)]
+
+    def allowed(self, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        return allowed_tokens(self.grammar, self.rows, vocab_size, device)
+
+    def finishes(self, row: int, token: int) -> bool:
+        """Whether ``token`` (an allowed one) completes row ``row``'s text: the grammar
+        took EOS, or allows nothing after it."""
+        m = self.rows[row].deep_copy()
+        m.consume_token(token)
+        return m.is_stopped()
+
+    def follow(self, parents: list[int], tokens: list[int]) -> None:
+        """The next rows: row i continues ``parents[i]`` with ``tokens[i]``."""
+        rows = []
+        for parent, token in zip(parents, tokens):
+            m = self.rows[parent].deep_copy()
+            m.consume_token(token)
+            rows.append(m)
+        self.rows = rows
