@@ -566,7 +566,7 @@ def probs(
             _write_json({
                 "prompt": text, "prompt_token_ids": ids, "step": d.step, "token_id": d.chosen, "seed": gen.seed,
                 "samplers": d.order,
-                **({"constraint_mass": constraint_mass([d.constraint_removed])} if d.constraint_removed is not None else {}),
+                **({"constraint_mass": constraint_mass([d.constraint_kept])} if d.constraint_kept is not None else {}),
                 "candidates": [
                     {"token_id": t, "token": ckpt.token_text(t), "prob": d.raw[t], "tempered_prob": d.tempered[t],
                      "final_prob": d.final[t], "removed_by": d.removed_by[t], "changed_by": d.changed_by.get(t, [])}

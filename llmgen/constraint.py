@@ -123,6 +123,14 @@ class _Spelled:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
 
+@lru_cache(maxsize=4)
+def _spells_every_byte(adapter, vocab_size: int) -> bool:
+    """Whether each of the 256 bytes is a token of its own (byte-level BPE: GPT-2,
+    SmolLM2, Llama 3, Qwen): then every text can be written, and the search that proves
+    a grammar can be finished is not needed."""
+    return len({adapter.decode_bytes([i]) for i in range(vocab_size)} & {bytes([b]) for b in range(256)}) == 256
+
+
 @dataclass(frozen=True)
 class Grammar:
     """A constraint compiled against one vocabulary: what each row's matcher starts from."""
@@ -158,7 +166,8 @@ def compile_for(values: dict[str, Any], vocabulary, vocab_size: int, eos: tuple[
     m = grammar.matcher()
     if m.is_error():
         raise SettingError(kind, f"cannot be used with this vocabulary: {_one_line(m.get_error())}")
-    if finishable(grammar) is False:
+    # Choices are spelled by construction; a vocabulary with a token for every byte spells any text.
+    if kind != "choice" and not _spells_every_byte(adapter, vocab_size) and finishable(grammar) is False:
         raise SettingError(kind, "cannot be satisfied with this model's vocabulary: no sequence of its tokens spells a string it allows")
     return grammar
 
@@ -181,15 +190,17 @@ def finishable(grammar: Grammar, budget: int = SEARCH_BUDGET) -> bool | None:
     """Whether some sequence of the vocabulary's tokens is a complete string of the
     language: True when one is found, False when every allowed path was tried and none
     finished, None when the budget of matcher states ran out first (generation then
-    finds out, and says so if it gets stuck). Depth first, shortest tokens first."""
-    import numpy as np
+    finds out, and says so if it gets stuck). Depth first, shortest tokens first: for
+    vocabularies that lack some bytes (word-level, SentencePiece without byte fallback)."""
+    import torch
 
-    lengths = np.array([len(grammar.adapter.decode_bytes([i])) for i in range(grammar.vocab_size)])
+    from llmgen.sampling.grammar import allowed_tokens
+
+    lengths = torch.tensor([len(grammar.adapter.decode_bytes([i])) for i in range(grammar.vocab_size)])
 
     def children(m):
-        bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), np.uint8), bitorder="little")[: grammar.vocab_size]
-        allowed = np.flatnonzero(bits)
-        return iter(allowed[np.argsort(lengths[allowed], kind="stable")].tolist())
+        allowed = torch.nonzero(allowed_tokens(grammar, [m], grammar.vocab_size)[0]).flatten()
+        return iter(allowed[torch.argsort(lengths[allowed], stable=True)].tolist())
 
     root = grammar.matcher()
     stack, spent = [(root, children(root))], 0

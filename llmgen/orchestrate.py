@@ -148,12 +148,12 @@ def forced_records(ckpt, ids: list[int], token_ids: list[int], top: int, grammar
     from llmgen import render
     from llmgen.decoding.forced import forced_steps
 
-    entropy, tops, removed = forced_steps(ckpt.model, ids, token_ids, top, grammar)
+    entropy, tops, kept = forced_steps(ckpt.model, ids, token_ids, top, grammar)
     out = {"entropy": entropy, **({"top_logprobs": render.top_logprobs_record(tops, ckpt.token_text, top)} if top else {})}
     if grammar is not None:
         from llmgen.decoding.trace import constraint_mass
 
-        out["constraint_mass"] = constraint_mass(removed)
+        out["constraint_mass"] = constraint_mass(kept)
     return out
 
 

@@ -459,11 +459,10 @@ def prob_text(p: float) -> str:
 
 def _constraint_note(dist) -> str:
     """`` · removed by constraint: 0.41 of the model's probability`` when a constraint ran."""
-    removed = dist.constraint_removed
-    if removed is None:
+    kept = dist.constraint_kept
+    if kept is None:
         return ""
-    lost = math.log(max(1.0 - removed, 1e-300))
-    return f" · removed by constraint: {prob_text(removed)} of the model's probability (logprob {lost:.3f})"
+    return f" · removed by constraint: {prob_text(-math.expm1(kept))} of the model's probability (logprob {kept:.3f})"
 
 
 def distribution_table(dist, token_text, top: int, title: str, width: int | None = None, token_width: int = 0,

@@ -110,7 +110,7 @@ def generate_batch(
         tokens = next_ids.tolist()
         clock.chose()
         sampler.accept(tokens)
-        removed = sampler.removed_mass()
+        kept = sampler.constraint_kept()
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = logprobs.gather(-1, next_ids[:, None])[:, 0].tolist()
         entropy = entropies(logprobs).tolist()
@@ -119,8 +119,8 @@ def generate_batch(
         for slot, (row, token) in enumerate(zip(live, tokens)):
             at_limit = last[row][1] if step + 1 == last[row][0] else None
             samples[row].entropies.append(entropy[slot])
-            if removed is not None:
-                samples[row].constraint_removed.append(removed[slot])
+            if kept is not None:
+                samples[row].constraint_kept.append(kept[slot])
             delta = record_token(samples[row], texts[row], token, chosen[slot], alternatives(top, slot), stop_ids, at_limit,
                                  sampler.complete(slot))
             if samples[row].finish_reason is None:

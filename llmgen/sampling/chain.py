@@ -248,10 +248,10 @@ class Sampler:
             stage.restore(state)
         self.terminal.restore(saved.terminal)
 
-    def removed_mass(self) -> list[float] | None:
-        """Per row, the probability the constraint removed at the last step (under the
-        model's own distribution); None when there is no constraint."""
-        return None if self.grammar is None else list(self.grammar.removed)
+    def constraint_kept(self) -> list[float] | None:
+        """Per row, the log of the probability the constraint kept at the last step
+        (under the model's own distribution); None when there is no constraint."""
+        return None if self.grammar is None else list(self.grammar.kept)
 
     def complete(self, row: int) -> bool:
         """Whether the constraint has finished this row's text (after ``accept``)."""

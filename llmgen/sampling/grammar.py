@@ -9,8 +9,9 @@ where the grammar accepts the text so far; ``complete`` says when a row's text i
 finished (the grammar allows nothing more, or it took the EOS token), which the decode
 loops report as ``finish_reason: "constraint"``.
 
-``removed`` is what the constraint cost at the last step: per row, the probability the
-model's own distribution gave the tokens it masked.
+``kept`` is what the constraint cost at the last step: per row, the log of the
+probability the model's own distribution gave the tokens it allowed (0 when it removed
+nothing; the removed mass is 1 - exp of it).
 """
 
 from __future__ import annotations
@@ -20,18 +21,14 @@ import torch
 from llmgen.errors import LlmgenError
 from llmgen.sampling.stage import NEG_INF, Rows, Stage
 
-_BITS = torch.arange(32, dtype=torch.int32)
-
-
 def allowed_tokens(grammar, matchers: list, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Which tokens each of ``grammar``'s matchers allows next, ``(rows, vocab_size)`` bool."""
-    import llguidance.torch as lt
+    """Which tokens each of ``grammar``'s matchers allows next, ``(rows, vocab_size)`` bool.
+    (llguidance.torch would fill the masks too, but importing it imports torch._dynamo: 2 s.)"""
+    import numpy as np
 
-    mask = lt.allocate_token_bitmask(len(matchers), grammar.adapter.vocab_size)  # (rows, words) int32, 32 tokens a word
-    for row, m in enumerate(matchers):
-        lt.fill_next_token_bitmask(m, mask, row)
-    bits = (mask[:, :, None] >> _BITS) & 1  # (rows, words, 32)
-    return bits.reshape(len(matchers), -1)[:, :vocab_size].bool().to(device)
+    masks = np.frombuffer(b"".join(m.compute_bitmask() for m in matchers), np.uint8).reshape(len(matchers), -1)
+    bits = np.unpackbits(masks, axis=1, bitorder="little")[:, :vocab_size]  # (rows, vocab) 0/1, token i at bit i
+    return torch.from_numpy(np.ascontiguousarray(bits).view(np.bool_)).to(device)
 
 
 class Constrain(Stage):
@@ -45,17 +42,17 @@ class Constrain(Stage):
         self.grammar = grammar
         self.matchers = [grammar.matcher() for _ in range(len(rows))]
         self.consumed = [0] * len(rows)
-        self.removed: list[float] = [0.0] * len(rows)
+        self.kept: list[float] = [0.0] * len(rows)  # per row, log of the probability the last step kept
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         allowed = allowed_tokens(self.grammar, self.matchers, logits.shape[-1], logits.device)
-        stuck = [row for row in range(len(self.matchers)) if not allowed[row].any() and not self.matchers[row].is_error()]
-        if stuck:
+        some = allowed.any(-1).tolist()
+        if not all(some) and any(not ok and not m.is_error() for ok, m in zip(some, self.matchers)):
             raise LlmgenError(f"the {self.grammar.kind.replace('_', ' ')} constraint cannot go on with this model's "
                               "vocabulary: no token continues the text it has so far")
-        probs = torch.softmax(logits, dim=-1)
-        self.removed = probs.masked_fill(allowed, 0.0).sum(-1).tolist()
-        return logits.masked_fill(~allowed, NEG_INF)
+        masked = logits.masked_fill(~allowed, NEG_INF)
+        self.kept = (torch.logsumexp(masked, -1) - torch.logsumexp(logits, -1)).tolist()  # log(allowed mass), exact near 0 and 1
+        return masked
 
     def accept(self, tokens: list[int]) -> None:
         for row, (m, token) in enumerate(zip(self.matchers, tokens)):
@@ -70,7 +67,7 @@ class Constrain(Stage):
             seen.add(r)
         self.matchers = matchers
         self.consumed = [self.consumed[r] for r in rows]
-        self.removed = [self.removed[r] for r in rows]
+        self.kept = [self.kept[r] for r in rows]
 
     def save(self) -> list[int]:
         return list(self.consumed)
