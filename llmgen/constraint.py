@@ -123,12 +123,19 @@ class _Spelled:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
 
+# The bytes of UTF-8 text other than control characters and the planes past U+3FFFF
+# (unassigned, or tags): SmolLM2's vocabulary, for one, has no token for \x04 or 0xF1.
+TEXT_BYTES = frozenset([0x09, 0x0A, 0x0D, *range(0x20, 0x7F), *range(0x80, 0xC0), *range(0xC2, 0xF1)])
+
+
 @lru_cache(maxsize=4)
-def _spells_every_byte(adapter, vocab_size: int) -> bool:
-    """Whether each of the 256 bytes is a token of its own (byte-level BPE: GPT-2,
-    SmolLM2, Llama 3, Qwen): then every text can be written, and the search that proves
-    a grammar can be finished is not needed."""
-    return len({adapter.decode_bytes([i]) for i in range(vocab_size)} & {bytes([b]) for b in range(256)}) == 256
+def _spells_text(adapter, vocab_size: int) -> bool:
+    """Whether each byte of ``TEXT_BYTES`` is a token of its own (byte-level BPE: GPT-2,
+    SmolLM2, Llama 3, Qwen): then any such text can be written, and the search that
+    proves a grammar can be finished is skipped. A grammar that needs a rarer byte the
+    vocabulary lacks fails at the step that needs it, with a one-line error."""
+    singles = {adapter.decode_bytes([i]) for i in range(vocab_size)}
+    return all(bytes([b]) in singles for b in TEXT_BYTES)
 
 
 @dataclass(frozen=True)
@@ -167,7 +174,7 @@ def compile_for(values: dict[str, Any], vocabulary, vocab_size: int, eos: tuple[
     if m.is_error():
         raise SettingError(kind, f"cannot be used with this vocabulary: {_one_line(m.get_error())}")
     # Choices are spelled by construction; a vocabulary with a token for every byte spells any text.
-    if kind != "choice" and not _spells_every_byte(adapter, vocab_size) and finishable(grammar) is False:
+    if kind != "choice" and not _spells_text(adapter, vocab_size) and finishable(grammar) is False:
         raise SettingError(kind, "cannot be satisfied with this model's vocabulary: no sequence of its tokens spells a string it allows")
     return grammar
 
@@ -197,10 +204,11 @@ def finishable(grammar: Grammar, budget: int = SEARCH_BUDGET) -> bool | None:
     from llmgen.sampling.grammar import allowed_tokens
 
     lengths = torch.tensor([len(grammar.adapter.decode_bytes([i])) for i in range(grammar.vocab_size)])
+    shortest_first = torch.argsort(lengths, stable=True)
 
     def children(m):
-        allowed = torch.nonzero(allowed_tokens(grammar, [m], grammar.vocab_size)[0]).flatten()
-        return iter(allowed[torch.argsort(lengths[allowed], stable=True)].tolist())
+        allowed = allowed_tokens(grammar, [m], grammar.vocab_size)[0]
+        return iter(shortest_first[allowed[shortest_first]].tolist())
 
     root = grammar.matcher()
     stack, spent = [(root, children(root))], 0
