@@ -230,8 +230,16 @@ def settings_origin(ckpt, settings: dict[str, Any], gen: config.GenerationConfig
             source = "generation_config"
         else:
             source = "default"
-        parts.append(f"{name}={value} ({source})")
+        parts.append(f"{name}={_shown(name, value)} ({source})")
     return " · ".join(parts)
+
+
+def _shown(name: str, value: Any, width: int = 60) -> str:
+    """A setting's value for a caption: a constraint's text on one line, cut at ``width``."""
+    if name not in config.CONSTRAINT_KINDS or not isinstance(value, str):
+        return str(value)
+    text = " ".join(value.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def stop_ids(ckpt, chat: bool) -> tuple[int, ...]:
