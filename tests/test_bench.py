@@ -51,3 +51,14 @@ def test_every_bench_shape_builds_and_loads(tmp_path, monkeypatch, shape):
     spec.loader.exec_module(bench)
     ckpt = load_checkpoint(bench.checkpoint(shape), device="cpu")
     assert ckpt.model.cfg.n_layer == 2 and ckpt.encode("the clocks")
+
+
+def test_constrain_bench_runs(tmp_path):
+    out = _run(tmp_path, str(BENCH / "constrain.py"), "--models", "embedded", "--steps", "4", "--repeats", "1", "--threads", "1")
+    for row in ("json schema {name, city}", "regex date", "any JSON object"):
+        assert f"embedded   {row}" in out, out
+
+
+def test_constrain_libraries_bench_runs(tmp_path):
+    out = _run(tmp_path, str(BENCH / "constrain_libraries.py"), "--repeats", "1")
+    assert "embedded   llguidance" in out, out
