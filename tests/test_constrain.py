@@ -269,6 +269,14 @@ def test_missing_extra_names_the_install_command(gpt2_dir):
                                   'pip install -c constraints.txt -e ".[constrain]"'
 
 
+def test_a_scored_text_outside_the_language_is_removed_once(capsys, gpt2_dir):
+    assert main(["score", " hello there", "--model", str(gpt2_dir[0]), "--regex", "[0-9]+", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["removed_by"][0] == "constraint" and "constraint" not in rec["removed_by"][1:]
+    assert main(["score", "12", "--model", str(gpt2_dir[0]), "--regex", "[0-9]+", "--json", "-t", "0"]) == 0
+    assert "constraint" not in json.loads(capsys.readouterr().out)["removed_by"]
+
+
 def test_probs_shows_what_the_constraint_removed(capsys, gpt2_dir):
     assert main(["probs", "I like", "--model", str(gpt2_dir[0]), "--choice", " tea", "--choice", " coffee", "-t", "0", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
@@ -301,6 +309,7 @@ def test_the_stage_rolls_back_and_follows_beam_reorders(ckpt):
     one, two = ckpt.encode("1")[0], ckpt.encode("2")[0]
     logits = torch.zeros(2, ckpt.model.cfg.vocab_size)
     start = torch.isfinite(stage.apply(logits))
+    assert not start[:, ckpt.eos_token_ids[0]].any()  # EOS only where the text is complete
     saved = stage.save()
     stage.accept([one, two])
     stage.accept([one, two])

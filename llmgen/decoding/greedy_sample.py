@@ -110,7 +110,7 @@ def generate_batch(
         tokens = next_ids.tolist()
         clock.chose()
         sampler.accept(tokens)
-        kept = sampler.constraint_kept()
+        note_constraint(sampler, [samples[row] for row in live])
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = logprobs.gather(-1, next_ids[:, None])[:, 0].tolist()
         entropy = entropies(logprobs).tolist()
@@ -119,10 +119,7 @@ def generate_batch(
         for slot, (row, token) in enumerate(zip(live, tokens)):
             at_limit = last[row][1] if step + 1 == last[row][0] else None
             samples[row].entropies.append(entropy[slot])
-            if kept is not None:
-                samples[row].constraint_kept.append(kept[slot])
-            delta = record_token(samples[row], texts[row], token, chosen[slot], alternatives(top, slot), stop_ids, at_limit,
-                                 sampler.complete(slot))
+            delta = record_token(samples[row], texts[row], token, chosen[slot], alternatives(top, slot), stop_ids, at_limit, sampler.complete(slot))
             if samples[row].finish_reason is None:
                 keep.append(slot)
             if on_token is not None:
@@ -142,6 +139,14 @@ def generate_batch(
         sample.text = text.text
     clock.done(samples)
     return samples
+
+
+def note_constraint(sampler, samples: list[Sample]) -> None:
+    """Each live row's ``constraint_kept`` for the step just chosen, when a constraint ran."""
+    kept = sampler.constraint_kept()
+    if kept is not None:
+        for sample, k in zip(samples, kept):
+            sample.constraint_kept.append(k)
 
 
 def entropies(logprobs: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,11 @@ def allowed_tokens(grammar, matchers: list, vocab_size: int, device: torch.devic
 
     masks = np.frombuffer(b"".join(m.compute_bitmask() for m in matchers), np.uint8).reshape(len(matchers), -1)
     bits = np.unpackbits(masks, axis=1, bitorder="little")[:, :vocab_size]  # (rows, vocab) 0/1, token i at bit i
+    # llguidance also sets EOS where no token can go on; EOS is allowed only where the text is complete
+    eos = [t for t in grammar.adapter.eos_tokens if t < vocab_size]
+    for row, m in enumerate(matchers):
+        if eos and not m.is_accepting():
+            bits[row, eos] = 0
     return torch.from_numpy(np.ascontiguousarray(bits).view(np.bool_)).to(device)
 
 
@@ -42,21 +47,26 @@ class Constrain(Stage):
         self.grammar = grammar
         self.matchers = [grammar.matcher() for _ in range(len(rows))]
         self.consumed = [0] * len(rows)
+        self.left = [False] * len(rows)  # a given token (a scored text) took the row out of the language
         self.kept: list[float] = [0.0] * len(rows)  # per row, log of the probability the last step kept
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         allowed = allowed_tokens(self.grammar, self.matchers, logits.shape[-1], logits.device)
         some = allowed.any(-1).tolist()
-        if not all(some) and any(not ok and not m.is_error() for ok, m in zip(some, self.matchers)):
+        if not all(some) and any(not ok and not left for ok, left in zip(some, self.left)):
             raise LlmgenError(f"the {self.grammar.kind.replace('_', ' ')} constraint cannot go on with this model's "
                               "vocabulary: no token continues the text it has so far")
+        # A row already outside the language has nothing more to be constrained: the
+        # token that left was the one the constraint removed.
+        allowed[[row for row, left in enumerate(self.left) if left]] = True
         masked = logits.masked_fill(~allowed, NEG_INF)
         self.kept = (torch.logsumexp(masked, -1) - torch.logsumexp(logits, -1)).tolist()  # log(allowed mass), exact near 0 and 1
         return masked
 
     def accept(self, tokens: list[int]) -> None:
         for row, (m, token) in enumerate(zip(self.matchers, tokens)):
-            m.consume_token(token)  # a token outside the language (a scored text) leaves m in an error state that allows nothing
+            if not self.left[row] and not m.consume_token(token):  # a scored text's token outside the language
+                self.left[row] = True
             self.consumed[row] += 1
 
     def keep(self, rows: list[int]) -> None:
@@ -67,16 +77,18 @@ class Constrain(Stage):
             seen.add(r)
         self.matchers = matchers
         self.consumed = [self.consumed[r] for r in rows]
+        self.left = [self.left[r] for r in rows]
         self.kept = [self.kept[r] for r in rows]
 
-    def save(self) -> list[int]:
-        return list(self.consumed)
+    def save(self) -> tuple[list[int], list[bool]]:
+        return list(self.consumed), list(self.left)
 
-    def restore(self, saved: list[int]) -> None:
-        for m, now, then in zip(self.matchers, self.consumed, saved):
+    def restore(self, saved: tuple[list[int], list[bool]]) -> None:
+        consumed, left = saved
+        for m, now, then in zip(self.matchers, self.consumed, consumed):
             if now > then:
                 m.rollback(now - then)
-        self.consumed = list(saved)
+        self.consumed, self.left = list(consumed), list(left)
 
     def complete(self, row: int) -> bool:
         """The row's text is finished: the grammar allows nothing more, or took EOS."""
