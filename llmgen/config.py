@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from llmgen.errors import UsageError
@@ -168,7 +168,8 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}
-CONSTRAINT_KINDS = ("json_schema", "format", "regex", "choice", "grammar")  # llmgen.constraint.KINDS
+# The settings that confine the whole output to a language (llmgen.constraint), in the order the help lists them.
+CONSTRAINT_KINDS = ("json_schema", "format", "regex", "choice", "grammar")
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
 
 
@@ -200,7 +201,8 @@ def check(name: str, value: Any) -> None:
 
 def normalise(name: str, value: Any) -> Any:
     """A flag's value as the setting holds it: repeatable flags as tuples, escapes
-    (``\\n``) in DRY's breakers read as llama.cpp reads them, ``none`` for no breakers."""
+    (``\\n``) in DRY's breakers read as llama.cpp reads them, ``none`` for no breakers,
+    the files of ``--json-schema`` and ``--grammar`` read (``read_constraint``)."""
     if name in ("json_schema", "grammar"):
         return read_constraint(name, value)
     if value is None or not BY_NAME[name].many:
@@ -215,7 +217,7 @@ def read_constraint(name: str, value: str | None) -> str | None:
     """A constraint flag's value as the setting holds it: ``--grammar FILE`` and
     ``--json-schema FILE`` read their file (the schema may also be given as JSON text),
     so a record's ``settings`` carry the text itself and replay anywhere."""
-    if value is None or name not in ("json_schema", "grammar") or (name == "json_schema" and value.lstrip()[:1] in ("{", "[", '"')):
+    if value is None or (name == "json_schema" and value.lstrip()[:1] in ("{", "[", '"')):
         return value
     try:
         return Path(value).read_text(encoding="utf-8")

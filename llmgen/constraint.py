@@ -20,16 +20,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from llmgen.config import CONSTRAINT_KINDS, SettingError
 from llmgen.errors import UsageError
 
 INSTALL = 'pip install -c constraints.txt -e ".[constrain]"'
-# The settings that constrain the output, in the order the help and README list them.
-KINDS = ("json_schema", "format", "regex", "choice", "grammar")
 # JSON is written as Python's json.dumps writes it (", " and ": ", no newlines): a model
 # then spends no probability on whitespace, and constraint_mass shows what that costs.
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 ANY_OBJECT = {"type": "object"}
-SEARCH_BUDGET = 2000  # masks computed while proving a grammar can be finished with a vocabulary
+SEARCH_BUDGET = 2000  # matcher states tried while proving a grammar can be finished with a vocabulary
 
 
 def llguidance():
@@ -87,11 +86,6 @@ def problem(kind: str, value: Any) -> str | None:
     except ValueError as e:
         return f"is invalid: {e}"
     return None
-
-
-def given(values: dict[str, Any]) -> list[str]:
-    """The constraint settings that ``values`` sets."""
-    return [k for k in KINDS if values.get(k)]
 
 
 @lru_cache(maxsize=4)
@@ -161,12 +155,9 @@ def compile_for(values: dict[str, Any], vocabulary, vocab_size: int, eos: tuple[
     """The constraint that ``values`` (a SamplingConfig's fields) sets, compiled for this
     vocabulary; None when none is set. A constraint the vocabulary cannot satisfy is a
     ``SettingError`` for its field, before anything is generated."""
-    from llmgen.config import SettingError
-
-    kinds = given(values)
-    if not kinds:
+    kind = next((k for k in CONSTRAINT_KINDS if values.get(k)), None)
+    if kind is None:
         return None
-    kind = kinds[0]
     adapter = _adapter(vocabulary.tokenizer.to_str(), vocab_size, tuple(eos))
     source = _choices(values[kind], vocabulary) if kind == "choice" else grammar_source(kind, values[kind])
     grammar = Grammar(kind, source, adapter, vocab_size)
@@ -182,8 +173,6 @@ def compile_for(values: dict[str, Any], vocabulary, vocab_size: int, eos: tuple[
 def _choices(choices: tuple[str, ...], vocabulary) -> str:
     """A token-level Lark grammar: each choice as its tokenizer's own token ids. A choice
     the tokenizer cannot spell (a character it maps to an unknown token) is an error."""
-    from llmgen.config import SettingError
-
     alternatives = []
     for choice in choices:
         ids = vocabulary.encode(choice)
