@@ -322,3 +322,15 @@ def test_the_stage_rolls_back_and_follows_beam_reorders(ckpt):
     assert stage.complete(0) and stage.complete(1)
     allowed = torch.isfinite(stage.apply(logits))
     assert allowed.sum(-1).tolist() == [1, 1] and allowed[:, ckpt.eos_token_ids[0]].all()  # only EOS after "122", "221"
+
+
+def test_chat_replies_are_constrained(tmp_path_factory):
+    from checkpoints import build_chat_model
+
+    path = tmp_path_factory.mktemp("chatml")
+    build_chat_model(path)
+    proc = subprocess.run([sys.executable, "-m", "llmgen", "chat", "--model", str(path), "--choice", "yes", "--choice", "no",
+                           "-t", "0.9", "--seed", "3"], input="Is the sea wet?\nAnd cold?\n", capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    replies = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(replies) == 2 and set(replies) <= {"yes", "no"}, proc.stdout
