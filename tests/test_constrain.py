@@ -20,7 +20,7 @@ from llmgen import orchestrate as orch
 from llmgen.cli import main
 from llmgen.decoding.beam import BeamConfig, beam_search
 from llmgen.decoding.exact import ExactConfig, exact_search
-from llmgen.decoding.greedy_sample import Row, generate, generate_batch
+from llmgen.decoding.greedy_sample import generate
 from llmgen.scoring import score
 
 SCHEMA = {

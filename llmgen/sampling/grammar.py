@@ -3,8 +3,8 @@ token which would take the text out of its language.
 
 It runs first in the chain, so every later stage sees the constrained distribution.
 Each row owns an llguidance matcher, advanced in ``accept``; rows that beam search
-duplicates get copies (``keep``), and speculative drafts are taken back by rolling the
-matchers back (``save``/``restore``). The end-of-sequence token passes the mask only
+duplicates get copies (``keep``); ``save``/``restore`` roll the matchers back (what a
+speculative drafter needs, though the commands refuse speculation with a constraint). The end-of-sequence token passes the mask only
 where the grammar accepts the text so far; ``complete`` says when a row's text is
 finished (the grammar allows nothing more, or it took the EOS token), which the decode
 loops report as ``finish_reason: "constraint"``.
@@ -20,6 +20,7 @@ import torch
 
 from llmgen.errors import LlmgenError
 from llmgen.sampling.stage import NEG_INF, Rows, Stage
+
 
 def allowed_tokens(grammar, matchers: list, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Which tokens each of ``grammar``'s matchers allows next, ``(rows, vocab_size)`` bool.
