@@ -246,7 +246,7 @@ def run(
 
     config.GenerationConfig(num_samples=num_samples, stop=tuple(stop or ()), seed=seed)  # checked before loading
     _check_logprobs(logprobs, prompt_logprobs, as_json, "run")
-    orch.check_speculation(draft_model, prompt_lookup, draft_tokens, show_speculation, settings)
+    orch.check_speculation(draft_model, prompt_lookup, draft_tokens, show_speculation)
     system = orch.check_chat(chat, system, chat_template, errors.value)
     text = orch.read_prompt(prompt, errors.value, prompt_file)
 

@@ -94,17 +94,10 @@ def load(model: str | None, device: str, dtype: str, threads: int | None = None)
 DRAFT_TOKENS = 5  # drafted tokens per round when --draft-tokens is not given (gpt-fast's default)
 
 
-def check_speculation(draft_model: str | None, prompt_lookup: int | None, draft_tokens: int | None, show: bool,
-                      settings: dict[str, Any] | None = None) -> None:
-    """The speculative decoding flags' combination, checked before any model loads.
-    A constraint refuses speculation: a drafted token the grammar forbids would cost a
-    pass for nothing, and the constraint's rollback is not tested under drafts."""
+def check_speculation(draft_model: str | None, prompt_lookup: int | None, draft_tokens: int | None, show: bool) -> None:
+    """The speculative decoding flags' combination, checked before any model loads."""
     if draft_model is not None and prompt_lookup is not None:
         raise UsageError("give --draft-model or --prompt-lookup, not both")
-    constrained = [k for k in config.CONSTRAINT_KINDS if (settings or {}).get(k)]
-    if constrained and (draft_model is not None or prompt_lookup is not None):
-        raise UsageError(f"{config.flag_name(constrained[0])} cannot be combined with speculative decoding "
-                         "(--draft-model, --prompt-lookup)")
     if draft_model is None and prompt_lookup is None:
         for flag, given in (("--draft-tokens", draft_tokens is not None), ("--show-speculation", show)):
             if given:

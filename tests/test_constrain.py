@@ -44,7 +44,7 @@ SAMPLERS = st.fixed_dictionaries({
     "min_p": st.sampled_from([None, 0.05]),
     "repetition_penalty": st.sampled_from([None, 1.3]),
 })
-PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def constrained(ckpt, prompt: str, seed: int, samples: int = 1, **flags):
@@ -218,6 +218,31 @@ def test_run_json_record_and_replay(capsys, gpt2_dir):
     assert json.loads(capsys.readouterr().out)["token_ids"] == rec["token_ids"]
 
 
+@pytest.mark.parametrize("constraint", [["--regex", REGEX], ["--json-schema", json.dumps(SCHEMA)], ["--choice", " the sea"]])
+def test_speculative_decoding_under_a_constraint(capsys, gpt2_dir, other_dir, constraint):
+    """Greedy: the same tokens with a draft model or prompt lookup as without (the
+    drafter's chain is constrained too, and rolls its matcher back after each draft);
+    sampling: every output still in the language."""
+    base = ["run", "Write to", "--model", str(gpt2_dir[0]), *constraint, "-n", "60", "--json"]
+    assert main([*base, "-t", "0"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    for draft in (["--draft-model", str(other_dir)], ["--prompt-lookup", "2"], ["--draft-model", str(gpt2_dir[0])]):
+        assert main([*base, "-t", "0", *draft]) == 0
+        fast = json.loads(capsys.readouterr().out)
+        assert fast["token_ids"] == plain["token_ids"] and fast["finish_reason"] == plain["finish_reason"] == "constraint"
+        assert fast["constraint_mass"]["removed"] == pytest.approx(plain["constraint_mass"]["removed"], abs=1e-4)
+    for seed in range(4):
+        assert main([*base, "--seed", str(seed), "--draft-model", str(other_dir), "--draft-tokens", "3"]) == 0
+        rec = json.loads(capsys.readouterr().out)
+        assert rec["finish_reason"] == "constraint" and len(rec["constraint_mass"]["removed"]) == len(rec["token_ids"])
+        if "--regex" in constraint:
+            assert re.fullmatch(REGEX, rec["text"])
+        elif "--json-schema" in constraint:
+            jsonschema.validate(json.loads(rec["text"]), SCHEMA)
+        else:
+            assert rec["text"] == " the sea"
+
+
 def test_schema_from_a_file_and_a_grammar_file(capsys, gpt2_dir, tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(SCHEMA))
     (tmp_path / "g.lark").write_text('start: "I like" DRINK\nDRINK: " tea" | " coffee"\n')
@@ -234,7 +259,6 @@ def test_schema_from_a_file_and_a_grammar_file(capsys, gpt2_dir, tmp_path):
     (["--json-schema", "/no/such/schema.json"], "--json-schema must be a readable file or JSON text"),
     (["--format", "yaml"], "--format must be json"),
     (["--regex", "a", "--choice", "b"], "cannot be combined with --regex"),
-    (["--regex", "a", "--prompt-lookup", "2"], "cannot be combined with speculative decoding"),
 ])
 def test_bad_constraints_are_one_line_usage_errors(capsys, gpt2_dir, flags, message):
     assert main(["run", "x", "--model", str(gpt2_dir[0]), *flags]) == 2

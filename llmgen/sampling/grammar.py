@@ -3,8 +3,8 @@ token which would take the text out of its language.
 
 It runs first in the chain, so every later stage sees the constrained distribution.
 Each row owns an llguidance matcher, advanced in ``accept``; rows that beam search
-duplicates get copies (``keep``); ``save``/``restore`` roll the matchers back (what a
-speculative drafter needs, though the commands refuse speculation with a constraint). The end-of-sequence token passes the mask only
+duplicates get copies (``keep``); ``save``/``restore`` roll the matchers back when a
+speculative drafter takes its draft back. The end-of-sequence token passes the mask only
 where the grammar accepts the text so far; ``complete`` says when a row's text is
 finished (the grammar allows nothing more, or it took the EOS token), which the decode
 loops report as ``finish_reason: "constraint"``.
