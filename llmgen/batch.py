@@ -279,6 +279,7 @@ def output_record(job: Job, sample, model: str = "embedded", extra: dict | None 
         finish_reason=sample.finish_reason,
         seed=sample.seed,
         entropy=sample.entropies,
+        **sample.constraint_record(),
         model=model,
         settings=config.effective(job.gen),
         **(extra or {}),

@@ -156,7 +156,8 @@ def with_settings(*names: str):
             return command(*args, settings=settings, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=params)
-        wrapper.__doc__ = inspect.cleandoc(command.__doc__ or "") + "\n\n" + SAMPLING_NOTE
+        sampling = any(name not in config.CONSTRAINT_KINDS for name in names)
+        wrapper.__doc__ = inspect.cleandoc(command.__doc__ or "") + ("\n\n" + SAMPLING_NOTE if sampling else "")
         return wrapper
 
     return decorate
@@ -352,7 +353,7 @@ def _run_records(ckpt, text: str, ids: list[int], samples, extra: dict, show_pro
             steps["speculation"] = {**render_speculation.speculation_record(s.speculation, ckpt.token_text, len(s.token_ids)),
                                     **(drafts or {})}
         _write_json(_record(text, ids, s.text, s.token_ids, s.logprobs, s.finish_reason, s.seed, entropy=s.entropies,
-                            **extra, **steps))
+                            **s.constraint_record(), **extra, **steps))
     if show_tree:
         _write_json({"event": "tree", "tree": render.prefix_tree_record(prefix_tree(samples), ckpt.token_text)})
 
@@ -391,6 +392,7 @@ def _json_events(ckpt):
 
 
 @app.command()
+@with_settings(*config.CONSTRAINT_KINDS)
 def beam(
     prompt: PromptArg = None,
     prompt_file: PromptFileOpt = None,
@@ -415,6 +417,7 @@ def beam(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
+    settings: dict | None = None,
 ) -> None:
     """Beam search: keep the WIDTH most probable partial sequences at every step.
 
@@ -430,7 +433,7 @@ def beam(
     from llmgen import render
 
     ckpt = orch.load(model, device, dtype.value, threads=threads)
-    cfg = replace(cfg, eos_token_ids=orch.stop_ids(ckpt, chat))
+    cfg = replace(cfg, eos_token_ids=orch.stop_ids(ckpt, chat), grammar=orch.constraint(ckpt, settings, chat))
     ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens, chat, system, chat_template)
     result = beam_search(ckpt.model, ids, cfg)
     hyps = result.hypotheses
@@ -442,9 +445,9 @@ def beam(
             for h in hyps
         ]
         for b, h in zip(beams, hyps):
-            b.update(orch.forced_records(ckpt, ids, h.token_ids, logprobs))
+            b.update(orch.forced_records(ckpt, ids, h.token_ids, logprobs, cfg.grammar))
         tree = {"tree": render.search_tree_record(result.tree, ckpt.token_text)} if show_tree else {}
-        steps = {k: beams[0][k] for k in ("entropy", "top_logprobs") if k in beams[0]}
+        steps = {k: beams[0][k] for k in ("entropy", "top_logprobs", "constraint_mass") if k in beams[0]}
         _write_json(_record(text, ids, beams[0]["text"], best.token_ids, best.logprobs, best.finish_reason, None, **steps,
                             beams=beams, **tree))
         return
@@ -459,6 +462,7 @@ def beam(
 
 
 @app.command()
+@with_settings(*config.CONSTRAINT_KINDS)
 def exact(
     prompt: PromptArg = None,
     prompt_file: PromptFileOpt = None,
@@ -479,6 +483,7 @@ def exact(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     as_json: JsonOpt = False,
+    settings: dict | None = None,
 ) -> None:
     """The provably most probable continuation (ending at EOS or after N tokens).
 
@@ -494,13 +499,14 @@ def exact(
 
     ckpt = orch.load(model, device, dtype.value, threads=threads)
     ids = orch.prompt_ids(ckpt, text, truncate.value, max_new_tokens, chat, system, chat_template)
-    result = exact_search(ckpt.model, ids, replace(cfg, eos_token_ids=orch.stop_ids(ckpt, chat)), ckpt.decode)
+    cfg = replace(cfg, eos_token_ids=orch.stop_ids(ckpt, chat), grammar=orch.constraint(ckpt, settings, chat))
+    result = exact_search(ckpt.model, ids, cfg, ckpt.decode)
     continuation = ckpt.decode(result.token_ids)
     if as_json:
         for rank, h in enumerate(result.hypotheses, 1):  # the tree, shared by all, goes with the first
             _write_json(
                 _record(text, ids, ckpt.decode(h.token_ids), h.token_ids, h.logprobs, h.finish_reason, None,
-                        **orch.forced_records(ckpt, ids, h.token_ids, 0),
+                        **orch.forced_records(ckpt, ids, h.token_ids, 0, cfg.grammar),
                         logprob=h.logprob, rank=rank, expanded=result.expanded, proven=h.proven, mass=result.mass,
                         brute_force_log10=round(result.brute_force_log10, 3),
                         **({"tree": render.search_tree_record(result.tree, ckpt.token_text)} if show_tree and rank == 1 else {}))
@@ -542,6 +548,7 @@ def probs(
     """
     from llmgen import orchestrate as orch
     from llmgen.decoding.probs import follow
+    from llmgen.decoding.trace import constraint_mass
 
     if steps < 1 or top < 1:
         raise UsageError("--steps and --top must be >= 1")
@@ -560,6 +567,7 @@ def probs(
             _write_json({
                 "prompt": text, "prompt_token_ids": ids, "step": d.step, "token_id": d.chosen, "seed": gen.seed,
                 "samplers": d.order,
+                **({"constraint_mass": constraint_mass([d.constraint_kept])} if d.constraint_kept is not None else {}),
                 "candidates": [
                     {"token_id": t, "token": ckpt.token_text(t), "prob": d.raw[t], "tempered_prob": d.tempered[t],
                      "final_prob": d.final[t], "removed_by": d.removed_by[t], "changed_by": d.changed_by.get(t, [])}

@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from llmgen.errors import UsageError
@@ -154,9 +155,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mirostat_eta", float, 0.1, "must be > 0", lambda v: v > 0, "Mirostat: learning rate of its running threshold."),
     Setting("samplers", str, None, "must be a list of sampler names", _parses(parse_samplers),
             f"Order of the sampler stages, e.g. penalties,dry,top-k,min-p,temperature (default: {','.join(STAGES)})."),
+    # Constraints on the whole output (llmgen.constraint): at most one; checked by llguidance.
+    Setting("json_schema", str, None, "must be a JSON Schema", bool,
+            "Constrain the output to JSON that validates against this schema (a file, or the schema's JSON text).",
+            flag="--json-schema"),
+    Setting("format", str, None, "must be json", lambda v: v == "json",
+            "json: constrain the output to a JSON object (any; --json-schema for a given shape)."),
+    Setting("regex", str, None, "must be a regular expression", bool, "Constrain the output to match this regular expression (whole)."),
+    Setting("choice", str, (), "must not be empty", bool, "Constrain the output to be exactly one of these texts (repeatable).", many=True),
+    Setting("grammar", str, None, "must be a Lark grammar", bool,
+            "Constrain the output to this Lark grammar (a file; llguidance's Lark dialect, with JSON Schema and regex inside)."),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}
+# The settings that confine the whole output to a language (llmgen.constraint), in the order the help lists them.
+CONSTRAINT_KINDS = ("json_schema", "format", "regex", "choice", "grammar")
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
 
 
@@ -164,6 +177,14 @@ def check(name: str, value: Any) -> None:
     """Raise ``SettingError`` unless ``value`` is allowed for setting ``name``."""
     setting = BY_NAME[name]
     if value is None and setting.default is None:
+        return
+    if name in CONSTRAINT_KINDS and value != setting.default:  # llguidance says what is wrong
+        from llmgen import constraint
+
+        bad = [v for v in (value if setting.many else (value,)) if not setting.ok(v)]
+        problem = f"{setting.rule}, got {bad[0]!r}" if bad else constraint.problem(name, value)
+        if problem:
+            raise SettingError(name, problem)
         return
     if name == "samplers":  # say which name is wrong
         try:
@@ -180,7 +201,10 @@ def check(name: str, value: Any) -> None:
 
 def normalise(name: str, value: Any) -> Any:
     """A flag's value as the setting holds it: repeatable flags as tuples, escapes
-    (``\\n``) in DRY's breakers read as llama.cpp reads them, ``none`` for no breakers."""
+    (``\\n``) in DRY's breakers read as llama.cpp reads them, ``none`` for no breakers,
+    the files of ``--json-schema`` and ``--grammar`` read (``read_constraint``)."""
+    if name in ("json_schema", "grammar"):
+        return read_constraint(name, value)
     if value is None or not BY_NAME[name].many:
         return value
     values = tuple(value)
@@ -204,6 +228,19 @@ def parse_text(name: str, text: str) -> tuple[str, Any]:
     value = normalise(key, parsed)
     check_given({key: value})
     return key, value
+
+
+def read_constraint(name: str, value: str | None) -> str | None:
+    """A constraint flag's value as the setting holds it: ``--grammar FILE`` and
+    ``--json-schema FILE`` read their file (the schema may also be given as JSON text),
+    so a record's ``settings`` carry the text itself and replay anywhere."""
+    if value is None or (name == "json_schema" and value.lstrip()[:1] in ("{", "[", '"')):
+        return value
+    try:
+        return Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        what = "a readable file or JSON text" if name == "json_schema" else "a readable file"
+        raise SettingError(name, f"must be {what}: {value!r} ({getattr(e, 'strerror', None) or e})") from None
 
 
 def check_given(values: dict[str, Any]) -> None:
@@ -260,10 +297,23 @@ class SamplingConfig:
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
     samplers: str | None = None
+    json_schema: str | None = None
+    format: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] = ()
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             check(f.name, getattr(self, f.name))
+        constrained = [k for k in CONSTRAINT_KINDS if getattr(self, k)]
+        if len(constrained) > 1:
+            raise SettingError(constrained[1], f"cannot be combined with {flag_name(constrained[0])}: give one constraint")
+
+    @property
+    def constraint(self) -> dict[str, Any]:
+        """The constraint settings that are set (at most one), by name."""
+        return {k: getattr(self, k) for k in CONSTRAINT_KINDS if getattr(self, k)}
 
     @property
     def greedy(self) -> bool:
@@ -332,6 +382,10 @@ def from_json(name: str, value: Any) -> Any:
     setting = BY_NAME[name]
     if name == "logit_bias" and isinstance(value, dict):  # {"TOKEN": BIAS}, BIAS a number or "-inf"
         value = [f"{token}={bias}" for token, bias in value.items()]
+    if name == "json_schema" and isinstance(value, (dict, bool)):  # the schema itself, as JSON
+        from llmgen.constraint import schema_text
+
+        value = schema_text(value)
     if setting.many and not isinstance(value, list):
         raise SettingError(name, "must be a list")
     items = value if setting.many else [value]

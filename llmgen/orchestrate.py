@@ -135,13 +135,29 @@ def prompt_logprobs(ckpt, ids: list[int]) -> list[float | None]:
     return score(ckpt.model, ids, None).logprobs
 
 
-def forced_records(ckpt, ids: list[int], token_ids: list[int], top: int) -> dict:
-    """A searched answer's ``entropy`` per step, and its ``top_logprobs`` when ``top``."""
+def forced_records(ckpt, ids: list[int], token_ids: list[int], top: int, grammar=None) -> dict:
+    """A searched answer's ``entropy`` per step, its ``top_logprobs`` when ``top``, and
+    its ``constraint_mass`` under a constraint's ``grammar``."""
     from llmgen import render
     from llmgen.decoding.forced import forced_steps
 
-    entropy, tops = forced_steps(ckpt.model, ids, token_ids, top)
-    return {"entropy": entropy, **({"top_logprobs": render.top_logprobs_record(tops, ckpt.token_text, top)} if top else {})}
+    entropy, tops, kept = forced_steps(ckpt.model, ids, token_ids, top, grammar)
+    out = {"entropy": entropy, **({"top_logprobs": render.top_logprobs_record(tops, ckpt.token_text, top)} if top else {})}
+    if grammar is not None:
+        from llmgen.decoding.trace import constraint_mass
+
+        out["constraint_mass"] = constraint_mass(kept)
+    return out
+
+
+def constraint(ckpt, settings: dict[str, Any], chat: bool = False):
+    """The constraint the flags set, compiled for the model's vocabulary (None without
+    one): for the searches that take no sampler chain (beam, exact)."""
+    from llmgen.constraint import compile_for
+
+    values = {k: settings.get(k) for k in config.CONSTRAINT_KINDS if settings.get(k)}
+    constrained = config.SamplingConfig(**values).constraint  # one at most, each checked
+    return compile_for(constrained, ckpt.vocabulary, ckpt.model.cfg.vocab_size, stop_ids(ckpt, chat)) if constrained else None
 
 
 def model_label(model: str | None) -> str:
@@ -207,8 +223,16 @@ def settings_origin(ckpt, settings: dict[str, Any], gen: config.GenerationConfig
             source = "generation_config"
         else:
             source = "default"
-        parts.append(f"{name}={value} ({source})")
+        parts.append(f"{name}={_shown(name, value)} ({source})")
     return " · ".join(parts)
+
+
+def _shown(name: str, value: Any, width: int = 60) -> str:
+    """A setting's value for a caption: a constraint's text on one line, cut at ``width``."""
+    if name not in config.CONSTRAINT_KINDS or not isinstance(value, str):
+        return str(value)
+    text = " ".join(value.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def stop_ids(ckpt, chat: bool) -> tuple[int, ...]:
@@ -240,7 +264,8 @@ def generation(ckpt, settings: dict[str, Any], record: dict[str, Any] | None = N
         seed = draw_seed()
     return config.GenerationConfig(
         max_new_tokens=values["max_new_tokens"], num_samples=num_samples, stop=stop, ignore_eos=ignore_eos,
-        eos_token_ids=stop_ids(ckpt, chat), seed=seed, sampling=sampling, tokens=resolve_tokens(sampling, ckpt.vocabulary),
+        eos_token_ids=stop_ids(ckpt, chat), seed=seed, sampling=sampling,
+        tokens=resolve_tokens(sampling, ckpt.vocabulary, ckpt.model.cfg.vocab_size, stop_ids(ckpt, chat)),
     )
 
 
@@ -252,32 +277,56 @@ def compare(ckpt, ids: list[int], settings: dict[str, Any], seed: int | None, wi
     """Greedy, beam, exact and one sample for the same prompt and length, each with its
     total log-probability under the model; with ``chat`` each also ends at the end of
     turn. The sample uses the sampling settings; when they would make it greedy (``-t 0``)
-    it samples at temperature 1 with no top-k instead, and its label says so."""
-    from llmgen.decoding.beam import BeamConfig, beam_search
-    from llmgen.decoding.exact import ExactConfig, exact_search
+    it samples at temperature 1 with no top-k instead, and its label says so. Under a
+    constraint, greedy, beam and exact run twice, without it and with it, and the
+    sample runs with it."""
     from llmgen.decoding.greedy_sample import generate
 
     sampled = generation(ckpt, settings, seed=seed, chat=chat)
-    n, eos = sampled.max_new_tokens, sampled.eos_token_ids
     asked_greedy = sampled.sampling.greedy
     if asked_greedy:
         sampled = replace(sampled, sampling=replace(sampled.sampling, temperature=1.0, top_k=0), seed=sampled.seed or 0)
-    greedy = replace(sampled, sampling=config.SamplingConfig(temperature=0), seed=None)
-    g = generate(ckpt.model, ids, greedy, ckpt.decode)[0]
-    searched = beam_search(ckpt.model, ids, BeamConfig(width=width, max_new_tokens=n, length_penalty=0.0, eos_token_ids=eos))
-    b = searched.hypotheses[0]
-    e = exact_search(ckpt.model, ids, ExactConfig(max_new_tokens=n, max_expansions=max_expansions, eos_token_ids=eos), ckpt.decode)
+    grammar = sampled.tokens.grammar
+    rows = _searches(ckpt, ids, sampled, width, max_expansions, None)
+    if grammar is not None:
+        rows += _searches(ckpt, ids, sampled, width, max_expansions, grammar)
     s = generate(ckpt.model, ids, sampled, ckpt.decode)[0]
-    note = f"optimal, {e.expanded:,} expansions" if e.proven else f"not proven within {max_expansions:,} expansions"
-    rows = [
-        {"strategy": "greedy", "token_ids": g.token_ids, "logprob": g.logprob},
-        {"strategy": f"beam (width {width})", "token_ids": b.token_ids, "logprob": b.logprob, **beam_versus_exact(searched.tree, b, e)},
-        {"strategy": "exact", "token_ids": e.token_ids, "logprob": e.logprob, "note": note},
-        {"strategy": sample_label(sampled.sampling), "token_ids": s.token_ids, "logprob": s.logprob,
-         "note": f"seed {s.seed}" + ("; -t 0 is the greedy row, so T=1 here" if asked_greedy else "")},
-    ]
+    rows.append({"strategy": sample_label(sampled.sampling), "token_ids": s.token_ids, "logprob": s.logprob,
+                 "finish_reason": s.finish_reason, **s.constraint_record(),
+                 "note": f"seed {s.seed}" + ("; -t 0 is the greedy row, so T=1 here" if asked_greedy else "")})
     for r in rows:
         r["text"] = ckpt.decode(r["token_ids"])
+    return rows
+
+
+def _searches(ckpt, ids: list[int], gen: config.GenerationConfig, width: int, max_expansions: int, grammar) -> list[dict]:
+    """compare's greedy, beam and exact rows, under ``grammar`` when it is not None (each
+    strategy's label then names the constraint, and each row says what it cost)."""
+    from llmgen.decoding.beam import BeamConfig, beam_search
+    from llmgen.decoding.exact import ExactConfig, exact_search
+    from llmgen.decoding.greedy_sample import generate
+    from llmgen.sampling import TokenRules
+
+    n, eos = gen.max_new_tokens, gen.eos_token_ids
+    greedy = replace(gen, sampling=config.SamplingConfig(temperature=0), seed=None, tokens=TokenRules(grammar=grammar))
+    g = generate(ckpt.model, ids, greedy, ckpt.decode)[0]
+    searched = beam_search(ckpt.model, ids, BeamConfig(width=width, max_new_tokens=n, length_penalty=0.0, eos_token_ids=eos,
+                                                       grammar=grammar))
+    b = searched.hypotheses[0]
+    e = exact_search(ckpt.model, ids, ExactConfig(max_new_tokens=n, max_expansions=max_expansions, eos_token_ids=eos,
+                                                  grammar=grammar), ckpt.decode)
+    note = f"optimal, {e.expanded:,} expansions" if e.proven else f"not proven within {max_expansions:,} expansions"
+    suffix = "" if grammar is None else f" + {grammar.kind.replace('_', ' ')}"
+    rows = [
+        {"strategy": "greedy" + suffix, "token_ids": g.token_ids, "logprob": g.logprob, "finish_reason": g.finish_reason},
+        {"strategy": f"beam (width {width})" + suffix, "token_ids": b.token_ids, "logprob": b.logprob,
+         "finish_reason": b.finish_reason, **beam_versus_exact(searched.tree, b, e)},
+        {"strategy": "exact" + suffix, "token_ids": e.token_ids, "logprob": e.logprob, "finish_reason": e.finish_reason,
+         "note": note},
+    ]
+    for r in rows:
+        if grammar is not None:
+            r["constraint_mass"] = forced_records(ckpt, ids, r["token_ids"], 0, grammar)["constraint_mass"]
     return rows
 
 
@@ -308,7 +357,9 @@ def sample_label(s: config.SamplingConfig) -> str:
     parts = [f"T={s.temperature:g}"] + [f"k={s.top_k}"] * bool(s.top_k) + [f"p={s.top_p:g}"] * (s.top_p < 1)
     for f in fields(s):
         value = getattr(s, f.name)
-        if f.name not in ("temperature", "top_k", "top_p") and value != config.DEFAULTS[f.name]:
+        if f.name in config.CONSTRAINT_KINDS and value:
+            parts.append(f"+ {f.name.replace('_', ' ')}")
+        elif f.name not in ("temperature", "top_k", "top_p") and value != config.DEFAULTS[f.name]:
             parts.append(f"{f.name}={','.join(map(str, value)) if isinstance(value, tuple) else value}")
     return f"sample ({', '.join(parts)})"
 

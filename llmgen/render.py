@@ -467,6 +467,14 @@ def prob_text(p: float) -> str:
     return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
 
 
+def _constraint_note(dist) -> str:
+    """`` · removed by constraint: 0.41 of the model's probability`` when a constraint ran."""
+    kept = dist.constraint_kept
+    if kept is None:
+        return ""
+    return f" · removed by constraint: {prob_text(-math.expm1(kept))} of the model's probability (logprob {kept:.3f})"
+
+
 def distribution_table(dist, token_text, top: int, title: str, width: int | None = None, token_width: int = 0,
                        caption: str = "") -> Table:
     """Top tokens by model probability: raw, after temperature, after the sampler stages,
@@ -483,7 +491,7 @@ def distribution_table(dist, token_text, top: int, title: str, width: int | None
     peak = dist.raw[ranked[0]] or 1.0
     kept = sum(1 for p in dist.final if p > 0)
     full_caption = f"{kept} of {len(dist.raw)} tokens can be drawn · samplers: {' → '.join(dist.order)}" + (
-        f" · {caption}" if caption else "")
+        _constraint_note(dist)) + (f" · {caption}" if caption else "")
 
     def layout(framed: bool, bars: bool, tempered: bool) -> Table:
         table = Table(title=title, title_justify="left", caption=full_caption, caption_justify="left")

@@ -28,6 +28,9 @@ MODEL_NAMES = " ".join(sorted(catalog()))
 VALUES = {
     "--model": "model",  # a directory, or a pullable model's name
     "--draft-model": "model",
+    "--json-schema": "file",  # or the schema's JSON text
+    "--grammar": "file",
+    "--format": ["json"],
     "--device": ["auto", "cpu", "cuda"],
     "--output": "file",
     "--init": "dir",

@@ -68,3 +68,14 @@ def test_explore_bench_runs(tmp_path):
     out = _run(tmp_path, str(BENCH / "explore.py"), "--model", "embedded", "--steps", "2", "--threads", "1")
     name, forward, _, engine, _, app, _, redraw, *_ = out.splitlines()[-1].split()
     assert name == "embedded" and 0 < float(forward) and 0 < float(engine) and float(redraw) < float(app)
+
+
+def test_constrain_bench_runs(tmp_path):
+    out = _run(tmp_path, str(BENCH / "constrain.py"), "--models", "embedded", "--steps", "4", "--repeats", "1", "--threads", "1")
+    for row in ("json schema {name, city}", "regex date", "any JSON object"):
+        assert f"embedded   {row}" in out, out
+
+
+def test_constrain_libraries_bench_runs(tmp_path):
+    out = _run(tmp_path, str(BENCH / "constrain_libraries.py"), "--repeats", "1")
+    assert "embedded   llguidance" in out, out

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -28,6 +29,7 @@ from llmgen.config import require
 from llmgen.decoding.greedy_sample import check_prompt_fits
 from llmgen.decoding.trace import SearchTree
 from llmgen.sampling.constraints import banned_by_ngrams
+from llmgen.sampling.grammar import Matchers
 
 NEG = -1.0e9  # transformers' "impossible" score; keeps ties and arithmetic identical to it
 
@@ -42,6 +44,7 @@ class BeamConfig:
     early_stopping: bool = False
     eos_token_ids: tuple[int, ...] = ()
     tree_top: int = 3  # candidates per node recorded for the tree, beyond the ones that survive
+    grammar: Any = None  # constraint.Grammar: only the tokens it allows are extended
 
     def __post_init__(self) -> None:
         require(self.width >= 1, f"--width must be >= 1, got {self.width}")
@@ -103,16 +106,19 @@ def beam_search(model: torch.nn.Module, prompt_ids: list[int], cfg: BeamConfig) 
     cache = model.new_cache(1, len(prompt_ids) + max_new)
     logits = model(torch.tensor([prompt_ids], device=device), None, cache)[:, -1].float().repeat(K, 1)
     cache.reorder(torch.zeros(K, dtype=torch.long, device=device))
+    matchers = Matchers(cfg.grammar, K) if cfg.grammar is not None else None
     step = 0
     for step in range(max_new):
         logprobs = torch.log_softmax(logits, dim=-1)
-        totals, candidates = _top_candidates(logprobs, beams, prompt_ids, cfg.no_repeat_ngram_size, keep)
+        allowed = matchers.allowed(logprobs.shape[-1], device) if matchers else None
+        totals, candidates = _top_candidates(logprobs, beams, prompt_ids, cfg.no_repeat_ngram_size, keep, allowed)
         last_step = step + 1 == max_new
-        ends = [tok in eos or last_step for _, _, tok, _ in candidates]
+        completes = [bool(matchers) and (tok in eos or matchers.finishes(row, tok)) for _, row, tok, _ in candidates]
+        ends = [tok in eos or last_step or done for (_, _, tok, _), done in zip(candidates, completes)]
 
         # Finished hypotheses: ending candidates among the best K, if they can still matter.
         accepting = can_improve and not (len(finished) == K and cfg.early_stopping)
-        nodes, finished = _add_candidates(tree, beams, logprobs, candidates, ends, finished, accepting, step + 1, cfg, eos)
+        nodes, finished = _add_candidates(tree, beams, logprobs, candidates, ends, finished, accepting, step + 1, cfg, eos, completes)
 
         # Next running beams: the best K candidates that did not end.
         running = [c for c, ended in zip(candidates, ends) if not ended][:K]
@@ -129,6 +135,8 @@ def beam_search(model: torch.nn.Module, prompt_ids: list[int], cfg: BeamConfig) 
         if last_step or not can_improve or (len(finished) == K and cfg.early_stopping):
             break
         cache.follow(parents)
+        if matchers:
+            matchers.follow(parents, next_tokens)
         logits = model(torch.tensor(next_tokens, device=device)[:, None], None, cache)[:, -1].float()
 
     best = finished[: cfg.num_return]
@@ -137,10 +145,11 @@ def beam_search(model: torch.nn.Module, prompt_ids: list[int], cfg: BeamConfig) 
     return BeamResult(best, tree, step + 1)
 
 
-def _top_candidates(logprobs, beams: list[_Beam], prompt_ids: list[int], no_repeat: int, keep: int):
+def _top_candidates(logprobs, beams: list[_Beam], prompt_ids: list[int], no_repeat: int, keep: int, allowed=None):
     """Every beam's continuations scored by cumulative log-probability (n-gram repeats
-    banned), and the best ``keep`` of all K x V as (rank, row, token, total)."""
-    scores = logprobs.clone()
+    banned, and tokens a constraint does not ``allow``), and the best ``keep`` of all
+    K x V as (rank, row, token, total), leaving out the banned."""
+    scores = logprobs.clone() if allowed is None else logprobs.masked_fill(~allowed, float("-inf"))
     if no_repeat:
         for row, beam in enumerate(beams):
             banned = banned_by_ngrams(prompt_ids + beam.token_ids, no_repeat)
@@ -151,16 +160,18 @@ def _top_candidates(logprobs, beams: list[_Beam], prompt_ids: list[int], no_repe
     vocab = totals.shape[-1]
     candidates = [
         (rank, flat // vocab, flat % vocab, total) for rank, (flat, total) in enumerate(zip(top_flat.tolist(), top_scores.tolist()))
+        if total > float("-inf")
     ]
     return totals, candidates
 
 
-def _add_candidates(tree, beams, logprobs, candidates, ends, finished, accepting: bool, generated: int, cfg, eos):
+def _add_candidates(tree, beams, logprobs, candidates, ends, finished, accepting: bool, generated: int, cfg, eos, completes):
     """Record every real candidate in the tree; an ending one among the best K becomes a
-    finished hypothesis (while ``accepting``), scored sum(logprobs) / length**alpha.
-    Returns the candidates' tree nodes by rank, and the best K finished hypotheses."""
+    finished hypothesis (while ``accepting``), scored sum(logprobs) / length**alpha
+    (``completes``: it ends because a constraint finished it). Returns the candidates'
+    tree nodes by rank, and the best K finished hypotheses."""
     K, nodes = cfg.width, {}
-    for (rank, row, tok, total), ended in zip(candidates, ends):
+    for (rank, row, tok, total), ended, done in zip(candidates, ends, completes):
         beam = beams[row]
         if beam.score <= NEG / 2:
             continue  # a placeholder row: never a real sequence
@@ -168,7 +179,8 @@ def _add_candidates(tree, beams, logprobs, candidates, ends, finished, accepting
         nodes[rank] = node
         if ended and rank < K and accepting:
             score = total / (generated**cfg.length_penalty)
-            hyp = Hypothesis(beam.token_ids + [tok], beam.logprobs + [node.logprob], score, "eos" if tok in eos else "length", node.id)
+            reason = "constraint" if done else "eos" if tok in eos else "length"
+            hyp = Hypothesis(beam.token_ids + [tok], beam.logprobs + [node.logprob], score, reason, node.id)
             finished = sorted(finished + [hyp], key=lambda h: -h.score)[:K]
     for hyp in finished:
         tree.nodes[hyp.node].status = "finished"
@@ -204,5 +216,5 @@ def _record_alternatives(tree, beams, logprobs, totals, top, step, nodes) -> Non
         if beam.score <= NEG / 2:
             continue
         for lp, tok in zip(values[row].tolist(), indices[row].tolist()):
-            if (beam.node, tok) not in recorded:
+            if (beam.node, tok) not in recorded and totals[row, tok] > float("-inf"):  # not one a constraint removed
                 tree.add(beam.node, tok, lp, totals[row, tok].item(), step + 1, "pruned")

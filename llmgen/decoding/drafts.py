@@ -112,6 +112,8 @@ class ModelDrafter:
             self.sampler.accept(token)
             tokens.append(int(token[0]))
             qs.append(q[0])
+            if self.sampler.complete(0):  # a constraint has finished the text: nothing can follow
+                break
             if i + 1 < k:
                 logits = self.model(token[:, None], None, self.cache)[:, -1].float()
         self.cache.length = self.fed

@@ -27,6 +27,7 @@ import bisect
 import heapq
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,6 +35,8 @@ from llmgen.cache import pad
 from llmgen.config import GenerationConfig, SamplingConfig, require
 from llmgen.decoding.greedy_sample import check_prompt_fits, generate
 from llmgen.decoding.trace import SearchTree
+from llmgen.errors import LlmgenError
+from llmgen.sampling.grammar import allowed_tokens
 
 MAX_TOP = 1000  # K seeds a beam of width K: past this its bookkeeping, not the model, is the cost
 
@@ -45,6 +48,7 @@ class ExactConfig:
     max_expansions: int = 2000
     batch: int = 16  # frontier nodes expanded per model call
     top: int = 1  # K: the K most probable complete sequences
+    grammar: Any = None  # constraint.Grammar: search only the tokens it allows; complete = a string it accepts
 
     def __post_init__(self) -> None:
         require(self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
@@ -134,6 +138,10 @@ class _Best:
 
 @torch.inference_mode()
 def exact_search(model: torch.nn.Module, prompt_ids: list[int], cfg: ExactConfig, decode=None) -> ExactResult:
+    """The K most probable complete continuations (see the module's docstring). Under a
+    constraint (``cfg.grammar``) only allowed tokens are extended, and a sequence is
+    complete when the grammar finishes it (EOS where it accepts, or nothing more
+    allowed) or at N tokens in an accepting state: the most probable string it allows."""
     context = model.cfg.context_length
     check_prompt_fits(len(prompt_ids), context)
     n = min(cfg.max_new_tokens, context - len(prompt_ids))
@@ -143,18 +151,25 @@ def exact_search(model: torch.nn.Module, prompt_ids: list[int], cfg: ExactConfig
     root = tree.add(None, None, 0.0, 0.0, 0, "root")
     best = _Best(cfg.top)
     for ids, lps in _seeds(model, prompt_ids, n, cfg, decode):
-        best.offer(sum(lps), ids, lps, None)
+        if cfg.grammar is None or _finish(cfg.grammar, ids, eos, n) is not None:
+            best.offer(sum(lps), ids, lps, None)
 
-    # Frontier entries: (-cumulative, tie-break counter, token ids, logprobs, node id)
-    frontier: list[tuple[float, int, list[int], list[float], int]] = [(0.0, 0, [], [], root.id)]
+    # Frontier entries: (-cumulative, tie-break counter, token ids, logprobs, node id, the
+    # matcher before the last token: advanced only when the entry is expanded)
+    frontier: list[tuple] = [(0.0, 0, [], [], root.id, cfg.grammar.matcher() if cfg.grammar else None)]
     counter, expanded = 1, 0
     while frontier and -frontier[0][0] > best.bound() and expanded < cfg.max_expansions:
         batch = [heapq.heappop(frontier) for _ in range(min(cfg.batch, len(frontier), cfg.max_expansions - expanded))]
         batch = [b for b in batch if -b[0] > best.bound()]
+        if cfg.grammar is not None:
+            batch = _settle(batch, n, best, tree)
         if not batch:
-            break
+            continue  # each pass pops at least one entry, so this ends
         expanded += len(batch)
-        for (neg, _, ids, lps, node_id), row in zip(batch, _next_logprobs(model, prompt_ids, [b[2] for b in batch], device)):
+        rows = _next_logprobs(model, prompt_ids, [b[2] for b in batch], device)
+        if cfg.grammar is not None:
+            rows = rows.masked_fill(~allowed_tokens(cfg.grammar, [b[5] for b in batch], rows.shape[-1]), float("-inf"))
+        for (neg, _, ids, lps, node_id, matcher), row in zip(batch, rows):
             tree.nodes[node_id].status = "kept"
             cumulative = -neg
             # Only children that could still enter the best K are worth a node or a queue slot.
@@ -165,11 +180,51 @@ def exact_search(model: torch.nn.Module, prompt_ids: list[int], cfg: ExactConfig
                 if total <= best.bound():
                     continue
                 child = tree.add(node_id, tok, lp, total, len(ids) + 1, "pruned")
-                if tok in eos or len(ids) + 1 == n:
+                if tok in eos or (len(ids) + 1 == n and cfg.grammar is None):
                     best.offer(total, ids + [tok], lps + [lp], child.id)
                 else:
-                    heapq.heappush(frontier, (-total, counter, ids + [tok], lps + [lp], child.id))
+                    heapq.heappush(frontier, (-total, counter, ids + [tok], lps + [lp], child.id, matcher))
                     counter += 1
+    return _result(cfg, best, frontier, tree, eos, n, expanded, model.cfg.vocab_size)
+
+
+def _settle(batch: list[tuple], n: int, best: _Best, tree: SearchTree) -> list[tuple]:
+    """Under a constraint, advance each popped entry's matcher by its last token; an
+    entry the grammar has finished, or that is N tokens long and accepted, is offered as
+    complete; one at N tokens and not accepted is dropped. Returns those to expand, each
+    with its own matcher."""
+    out = []
+    for neg, counter, ids, lps, node_id, parent in batch:
+        m = parent
+        if ids:
+            m = parent.deep_copy()
+            m.consume_token(ids[-1])
+        if m.is_stopped() or (len(ids) == n and m.is_accepting()):
+            best.offer(-neg, ids, lps, node_id)
+        elif len(ids) < n:
+            out.append((neg, counter, ids, lps, node_id, m))
+        else:
+            tree.nodes[node_id].status = "pruned"
+    return out
+
+
+def _finish(grammar, ids: list[int], eos: set[int], n: int) -> str | None:
+    """How a sequence ends under a constraint: ``constraint`` when the grammar finished
+    it, ``length`` at N tokens in an accepting state, None when it is not complete."""
+    m = grammar.matcher()
+    if not m.consume_tokens(ids):
+        return None
+    if m.is_stopped():
+        return "constraint"
+    return "length" if len(ids) == n and m.is_accepting() else None
+
+
+def _result(cfg: ExactConfig, best: _Best, frontier: list, tree: SearchTree, eos: set[int], n: int, expanded: int,
+            vocab: int) -> ExactResult:
+    """The best complete sequences found, each proven or not, their paths marked in the tree."""
+    if not best.entries:
+        raise LlmgenError(f"no text the constraint allows was found within {n} tokens"
+                          + ("" if not frontier else f" and {cfg.max_expansions} expansions") + ": raise -n or --max-expansions")
     # Anything never queued was below the K-th total when it was met, and that only rises.
     open_best = -frontier[0][0] if frontier else -math.inf
     hypotheses, ends, children = [], [], tree.children()
@@ -177,22 +232,25 @@ def exact_search(model: torch.nn.Module, prompt_ids: list[int], cfg: ExactConfig
         node = _path_end(tree, children, ids, lps) if node is None else node
         tree.nodes[node].status = "finished"
         ends.append(node)
-        hypotheses.append(Ranked(ids, lps, "eos" if ids[-1] in eos else "length", open_best <= total))
+        reason = _finish(cfg.grammar, ids, eos, n) if cfg.grammar is not None else "eos" if ids[-1] in eos else "length"
+        hypotheses.append(Ranked(ids, lps, reason, open_best <= total))
     tree.best_path = tree.path_to(ends[0])
-    return ExactResult(hypotheses, expanded, brute_force_log10(model.cfg.vocab_size, n), tree)
+    return ExactResult(hypotheses, expanded, brute_force_log10(vocab, n), tree)
 
 
 def _seeds(model, prompt_ids: list[int], n: int, cfg: ExactConfig, decode) -> list[tuple[list[int], list[float]]]:
     """Complete sequences to bound the search from the start: the greedy one, and for
     K > 1 a beam search's K hypotheses (length penalty 0, so ranked by log-probability)."""
     from llmgen.decoding.beam import BeamConfig, beam_search
+    from llmgen.sampling.tokens import TokenRules
 
-    gen = GenerationConfig(max_new_tokens=n, eos_token_ids=cfg.eos_token_ids, sampling=SamplingConfig(temperature=0))
+    gen = GenerationConfig(max_new_tokens=n, eos_token_ids=cfg.eos_token_ids, sampling=SamplingConfig(temperature=0),
+                           tokens=TokenRules(grammar=cfg.grammar))
     greedy = generate(model, prompt_ids, gen, decode or (lambda ids: ""))[0]
     seeds = [(greedy.token_ids, greedy.logprobs)]
     if cfg.top > 1:
         beam = BeamConfig(width=cfg.top, max_new_tokens=n, length_penalty=0.0, num_return=cfg.top,
-                          eos_token_ids=cfg.eos_token_ids, tree_top=0)
+                          eos_token_ids=cfg.eos_token_ids, tree_top=0, grammar=cfg.grammar)
         seeds += [(h.token_ids, h.logprobs) for h in beam_search(model, prompt_ids, beam).hypotheses]
     return seeds
 

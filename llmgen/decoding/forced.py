@@ -12,12 +12,13 @@ from llmgen.decoding.trace import Candidate
 
 
 @torch.inference_mode()
-def forced_steps(model: torch.nn.Module, prompt_ids: list[int], token_ids: list[int], top: int = 0
-                 ) -> tuple[list[float], list[tuple[Candidate, ...]]]:
+def forced_steps(model: torch.nn.Module, prompt_ids: list[int], token_ids: list[int], top: int = 0, grammar=None
+                 ) -> tuple[list[float], list[tuple[Candidate, ...]], list[float]]:
     """For each token of ``token_ids``: the entropy (nats) of the model's distribution it
-    was chosen from, and that distribution's ``top`` most probable tokens."""
+    was chosen from, that distribution's ``top`` most probable tokens, and (under a
+    constraint's ``grammar``) the log of the probability the constraint kept of it."""
     if not token_ids:
-        return [], []
+        return [], [], []
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids + token_ids], device=device)
     # position p predicts token p + 1: the continuation's tokens are predicted from the
@@ -28,4 +29,16 @@ def forced_steps(model: torch.nn.Module, prompt_ids: list[int], token_ids: list[
     if top:
         best = logprobs.topk(min(top, logprobs.shape[-1]))
         tops = [tuple(Candidate(t, lp) for t, lp in zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
-    return entropies(logprobs).tolist(), tops
+    return entropies(logprobs).tolist(), tops, _kept(grammar, logprobs, token_ids) if grammar is not None else []
+
+
+def _kept(grammar, logprobs: torch.Tensor, token_ids: list[int]) -> list[float]:
+    """The log of the mass a constraint kept at each step, its matcher fed the tokens in turn."""
+    from llmgen.sampling.grammar import allowed_tokens
+
+    m, out = grammar.matcher(), []
+    for row, token in zip(logprobs, token_ids):
+        allowed = allowed_tokens(grammar, [m], row.shape[-1], row.device)[0]
+        out.append(float(torch.logsumexp(row.masked_fill(~allowed, float("-inf")), -1)))
+        m.consume_token(token)
+    return out

@@ -110,6 +110,7 @@ def generate_batch(
         tokens = next_ids.tolist()
         clock.chose()
         sampler.accept(tokens)
+        note_constraint(sampler, [samples[row] for row in live])
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = logprobs.gather(-1, next_ids[:, None])[:, 0].tolist()
         entropy = entropies(logprobs).tolist()
@@ -118,7 +119,7 @@ def generate_batch(
         for slot, (row, token) in enumerate(zip(live, tokens)):
             at_limit = last[row][1] if step + 1 == last[row][0] else None
             samples[row].entropies.append(entropy[slot])
-            delta = record_token(samples[row], texts[row], token, chosen[slot], alternatives(top, slot), stop_ids, at_limit)
+            delta = record_token(samples[row], texts[row], token, chosen[slot], alternatives(top, slot), stop_ids, at_limit, sampler.complete(slot))
             if samples[row].finish_reason is None:
                 keep.append(slot)
             if on_token is not None:
@@ -138,6 +139,14 @@ def generate_batch(
         sample.text = text.text
     clock.done(samples)
     return samples
+
+
+def note_constraint(sampler, samples: list[Sample]) -> None:
+    """Each live row's ``constraint_kept`` for the step just chosen, when a constraint ran."""
+    kept = sampler.constraint_kept()
+    if kept is not None:
+        for sample, k in zip(samples, kept):
+            sample.constraint_kept.append(k)
 
 
 def entropies(logprobs: torch.Tensor) -> torch.Tensor:
@@ -215,16 +224,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def record_token(sample: Sample, text: ContinuationText, token: int, logprob: float, alts, stop_ids, at_limit: str | None) -> str:
+def record_token(sample: Sample, text: ContinuationText, token: int, logprob: float, alts, stop_ids, at_limit: str | None,
+                 complete: bool = False) -> str:
     """Append one chosen token to its sample (with its ``alts`` when tracing, else None)
     and say whether it finished (``at_limit``: the finish reason if this was its last
-    allowed token); returns the text that became safe to show."""
+    allowed token; ``complete``: the constraint finished the text, with this token or by
+    taking EOS); returns the text that became safe to show."""
     sample.token_ids.append(token)
     sample.logprobs.append(logprob)
     if alts is not None:
         sample.steps.append(Step(token, logprob, alts))
     delta = ""
-    if token in stop_ids:
+    if complete:
+        sample.finish_reason = "constraint"
+        if token not in stop_ids:
+            delta, _ = text.push(token)
+    elif token in stop_ids:
         sample.finish_reason = "eos"
     else:
         delta, stopped = text.push(token)

@@ -6,6 +6,7 @@ removed or moved) while it chooses the token to follow, in one pass.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,13 @@ class StepDistribution:
     chosen: int
     order: list[str] = field(default_factory=list)  # the stages that ran, terminal last
     changed_by: dict[int, list[str]] = field(default_factory=dict)
+
+    @property
+    def constraint_kept(self) -> float | None:
+        """The log of the model's probability of the tokens a constraint allowed (None without one)."""
+        if "constraint" not in self.order:
+            return None
+        return math.log(max(sum(p for p, stage in zip(self.raw, self.removed_by) if stage != "constraint"), 1e-300))
 
 
 @torch.inference_mode()

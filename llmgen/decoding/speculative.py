@@ -30,7 +30,7 @@ import torch
 from llmgen.cache import check_rows
 from llmgen.config import GenerationConfig
 from llmgen.decoding.drafts import Draft, Speculate
-from llmgen.decoding.greedy_sample import Clock, OnToken, Row, alternatives, entropies, last_steps, need_seed, record_token
+from llmgen.decoding.greedy_sample import Clock, OnToken, Row, alternatives, entropies, last_steps, need_seed, note_constraint, record_token
 from llmgen.decoding.trace import Round, Sample, Speculation, Timings
 from llmgen.sampling import build_sampler
 from llmgen.text import ContinuationText
@@ -116,6 +116,7 @@ class _OneSample:
                 result.p.append(float(p[0, draft.tokens[i]]))
             else:
                 (chosen, p), kept = self.sampler.propose(logits[i : i + 1]), False
+            note_constraint(self.sampler, [self.sample])
             token = int(chosen[0])
             self.sampler.accept([token])
             self._record(token, float(logprobs[i, token]), entropy[i], alternatives(top, i))
@@ -133,6 +134,6 @@ class _OneSample:
         self.sequence.append(token)
         self.sample.entropies.append(entropy)
         at_limit = self.reason if len(self.sample.token_ids) + 1 == self.limit else None
-        delta = record_token(self.sample, self.text, token, logprob, alts, self.stop_ids, at_limit)
+        delta = record_token(self.sample, self.text, token, logprob, alts, self.stop_ids, at_limit, self.sampler.complete(0))
         if self.on_token is not None:
             self.on_token(self.row, token, logprob, entropy, delta)

@@ -7,6 +7,7 @@ different strategies can be compared.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -38,10 +39,22 @@ class Sample:
     steps: list[Step] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)  # nats, of the model's distribution at each step
     speculation: Speculation | None = None  # how speculative decoding went, when it was used
+    constraint_kept: list[float] = field(default_factory=list)  # per step, log of the mass a constraint kept (empty without one)
 
     @property
     def logprob(self) -> float:
         return sum(self.logprobs)
+
+    def constraint_record(self) -> dict:
+        """``constraint_mass`` for a record when a constraint ran, else {}."""
+        return {"constraint_mass": constraint_mass(self.constraint_kept)} if self.constraint_kept else {}
+
+
+def constraint_mass(kept: list[float]) -> dict:
+    """The JSON field ``constraint_mass`` from each step's log of the probability a
+    constraint kept: per step the model's probability of the tokens it removed, and the
+    log-probability that cost in all (the sum of the logs)."""
+    return {"removed": [-math.expm1(k) for k in kept], "logprob_lost": sum(kept)}
 
 
 @dataclass

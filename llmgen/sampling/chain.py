@@ -28,6 +28,7 @@ from llmgen.config import SamplingConfig
 from llmgen.errors import BrokenLogits, LlmgenError
 from llmgen.sampling.constraints import BadWords, LogitBias, MinNewTokens, NoRepeatNGram
 from llmgen.sampling.dry import DRY
+from llmgen.sampling.grammar import Constrain
 from llmgen.sampling.penalties import Penalties
 from llmgen.sampling.stage import Rows, Stage, Terminal
 from llmgen.sampling.temperature import Temperature
@@ -36,7 +37,8 @@ from llmgen.sampling.tokens import TokenRules
 from llmgen.sampling.truncation import XTC, Epsilon, Eta, MinP, TopK, TopNSigma, TopP, Typical
 
 # Constraints on which tokens may come next: they always run first, in this order.
-CONSTRAINTS: tuple[str, ...] = ("logit-bias", "no-repeat-ngram", "bad-words", "min-new-tokens")
+# The grammar goes before them all, so that every stage sees only what it allows.
+CONSTRAINTS: tuple[str, ...] = ("constraint", "logit-bias", "no-repeat-ngram", "bad-words", "min-new-tokens")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ def _temperature(c: Context) -> Stage | None:
 
 # name -> the stage for this config, or None when its setting leaves it off.
 FACTORIES: dict[str, Callable[[Context], Stage | None]] = {
+    "constraint": lambda c: Constrain(c.rows, c.tokens.grammar) if c.tokens.grammar else None,
     "logit-bias": lambda c: LogitBias(c.tokens.logit_bias, c.vocab_size, c.rows.device) if c.tokens.logit_bias else None,
     "no-repeat-ngram": lambda c: NoRepeatNGram(c.rows, c.cfg.no_repeat_ngram_size) if c.cfg.no_repeat_ngram_size else None,
     "bad-words": lambda c: BadWords(c.rows, list(c.tokens.bad_words), c.eos) if c.tokens.bad_words else None,
@@ -147,6 +150,7 @@ class Sampler:
         self.rows, self.stages, self.terminal = rows, stages, terminal
         # Truncation always leaves a token; only the constraints can ban every one.
         self.can_ban_all = any(s.name in CONSTRAINTS for s in stages)
+        self.grammar: Constrain | None = next((s for s in stages if isinstance(s, Constrain)), None)
 
     @property
     def judges_by_logits(self) -> bool:
@@ -170,7 +174,8 @@ class Sampler:
     def _check_not_empty(self, logits: torch.Tensor) -> None:
         if not torch.isfinite(logits).any(-1).all():
             if self.can_ban_all:
-                raise LlmgenError("every token is banned at this step (by --logit-bias, --bad-words, --min-new-tokens or --no-repeat-ngram-size)")
+                raise LlmgenError("every token is banned at this step (by the constraint, --logit-bias, --bad-words, --min-new-tokens "
+                                  "or --no-repeat-ngram-size)")
             raise LlmgenError(f"the sampler stages removed every token at this step ({', '.join(self.order)})")
         if torch.isnan(logits).any() or (logits == float("inf")).any():  # the settings' ranges are meant to prevent it
             raise LlmgenError(f"the sampler settings overflowed the logits ({', '.join(self.order)}); use less extreme values")
@@ -273,6 +278,15 @@ class Sampler:
             stage.restore(state)
         self.terminal.restore(saved.terminal)
 
+    def constraint_kept(self) -> list[float] | None:
+        """Per row, the log of the probability the constraint kept at the last step
+        (under the model's own distribution); None when there is no constraint."""
+        return None if self.grammar is None else list(self.grammar.kept)
+
+    def complete(self, row: int) -> bool:
+        """Whether the constraint has finished this row's text (after ``accept``)."""
+        return self.grammar is not None and self.grammar.complete(row)
+
     def accept(self, tokens: torch.Tensor | list[int]) -> None:
         tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
         self.rows.append(tokens)
@@ -313,7 +327,7 @@ def build_sampler(
     otherwise the chain ends in a seeded ``Draw``.
     """
     if tokens is None:
-        if cfg.logit_bias or cfg.bad_words or cfg.dry_multiplier > 0:
+        if cfg.logit_bias or cfg.bad_words or cfg.dry_multiplier > 0 or cfg.constraint:
             raise ValueError("this config names tokens by text: resolve them first (sampling.tokens.resolve_tokens)")
         tokens = TokenRules()
     rows = Rows(prompts, seeds, device)

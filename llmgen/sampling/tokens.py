@@ -10,6 +10,7 @@ over the whole vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from llmgen.config import SamplingConfig, SettingError, parse_bias
 from llmgen.sampling.dry import Breakers, breakers_from
@@ -53,11 +54,13 @@ class TokenRules:
     logit_bias: dict[int, float] = field(default_factory=dict)
     bad_words: tuple[tuple[int, ...], ...] = ()
     dry_breakers: Breakers = field(default_factory=dict)
+    grammar: Any = None  # constraint.Grammar: the constraint compiled for this vocabulary
 
 
-def resolve_tokens(cfg: SamplingConfig, vocab: Vocabulary) -> TokenRules:
+def resolve_tokens(cfg: SamplingConfig, vocab: Vocabulary, vocab_size: int | None = None, eos: tuple[int, ...] = ()) -> TokenRules:
     """Resolve ``cfg``'s token-naming settings against ``vocab``; a name that is not one
-    token is a ``SettingError`` for its field."""
+    token is a ``SettingError`` for its field. A constraint is compiled for the model's
+    ``vocab_size`` (its logits' width) with ``eos`` as the ids that may end it."""
     biases: dict[int, float] = {}
     for spec in cfg.logit_bias:
         token, bias = parse_bias(spec)
@@ -70,7 +73,12 @@ def resolve_tokens(cfg: SamplingConfig, vocab: Vocabulary) -> TokenRules:
             if ids and ids not in bad:
                 bad.append(ids)
     breakers = vocab.breakers(cfg.dry_sequence_breakers) if cfg.dry_multiplier > 0 else {}
-    return TokenRules(biases, tuple(bad), breakers)
+    grammar = None
+    if cfg.constraint:
+        from llmgen.constraint import compile_for
+
+        grammar = compile_for(cfg.constraint, vocab, vocab_size or vocab.size, eos)
+    return TokenRules(biases, tuple(bad), breakers, grammar)
 
 
 def _one_token(token: str, vocab: Vocabulary) -> int:
