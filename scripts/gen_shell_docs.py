@@ -29,6 +29,7 @@ VALUES = {
     "--model": "model",  # a directory, or a pullable model's name
     "--draft-model": "model",
     "--device": ["auto", "cpu", "cuda"],
+    "--ray": ["local", "auto"],  # or ray://HOST:PORT; --ray may also stand alone
     "--output": "file",
     "--init": "dir",
     "--pairs": "file",
