@@ -256,6 +256,7 @@ class Dispatch:
         self.idle: list[int] = []
         self.busy: dict = {}  # ObjectRef of a generate call -> (worker, chunk)
         self.starting = {actor.ready.remote(): w for w, actor in enumerate(actors)}  # ready pings -> worker
+        self.restarting: set[int] = set()  # workers that died under a chunk, pinged again
         self.lost: Counter = Counter()  # chunk -> times its worker died under it
 
     def run(self) -> None:
@@ -286,6 +287,9 @@ class Dispatch:
             return
         except ray.exceptions.RayTaskError as e:
             raise _cause(e) from None
+        if worker in self.restarting:
+            self.restarting.discard(worker)
+            self.report.note(f"ray: worker {worker} is back (Ray restarted it)")
         self.idle.append(worker)
 
     def _finished(self, ref) -> None:
@@ -315,6 +319,7 @@ class Dispatch:
         self.queue.appendleft(chunk)
         self.report.note(f"ray: worker {worker} died ({_why(error)}); its {records} records go to another worker")
         self.starting[self.actors[worker].ready.remote()] = worker
+        self.restarting.add(worker)
 
 
 def _why(error: Exception) -> str:

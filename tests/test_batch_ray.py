@@ -18,8 +18,10 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
 
+from llmgen import batch as batching  # noqa: E402
 from llmgen import batch_ray  # noqa: E402
 from llmgen.cli import main  # noqa: E402
+from llmgen.errors import LlmgenError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the quick brown fox jumps over the lazy dog and I like cold coffee with water".split()
@@ -137,24 +139,49 @@ def test_a_killed_driver_is_resumed_by_running_the_command_again(cluster, gpt2_d
     assert by_index(out) == local
 
 
+def planned(model_dir, prompts, n: int) -> list:
+    """The first ``n`` records of ``prompts`` planned into batches of 1, as FLAGS plan them."""
+    from llmgen import orchestrate as orch
+
+    ckpt = orch.load_vocabulary(str(model_dir))
+    records = batching.read_input(str(prompts))[:n]
+    options = orch.BatchOptions({"max_new_tokens": 16, "temperature": 0.9, "top_k": 20}, seed=7, ignore_eos=True)
+    return batching.plan(orch.batch_jobs(ckpt, records, options, 7), 1)
+
+
 def test_a_shipped_model_is_read_from_the_object_store(cluster, gpt2_dir, prompts, local, tmp_path):
     """--ship-model: a worker builds its model from the shipped files alone (here, not as
     an actor: the path it is given does not exist)."""
-    from llmgen import batch as batching
-    from llmgen import orchestrate as orch
-
-    ckpt = orch.load_vocabulary(str(gpt2_dir[0]))
-    records = batching.read_input(str(prompts))[:3]
-    jobs = orch.batch_jobs(ckpt, records, orch.BatchOptions({"max_new_tokens": 16, "temperature": 0.9, "top_k": 20},
-                                                            seed=7, ignore_eos=True), 7)
     spec = batch_ray.WorkerSpec(str(gpt2_dir[0]), True, "cpu", "auto", 1, 1, str(gpt2_dir[0]), batching.Extras())
     worker = batch_ray.Worker(replace(spec, model_dir=str(tmp_path / "nowhere")), batch_ray.ship(spec.model_dir))
     assert worker.ready()
-    records, tokens = worker.generate(batching.plan(jobs, 1))
+    records, tokens = worker.generate(planned(gpt2_dir[0], prompts, 3))
     assert tokens == 16 * 3
     assert sorted(r["index"] for r in records) == [0, 1, 2]
     for rec in records:
         assert rec == local[rec["index"]]
+
+
+class Quiet:
+    """A report that keeps the notes."""
+
+    def __init__(self) -> None:
+        self.notes = []
+
+    def update(self, records, tokens):
+        pass
+
+    def workers(self, alive):
+        pass
+
+    def note(self, text):
+        self.notes.append(text)
+
+
+def test_a_model_a_worker_cannot_load_is_its_one_line_error(cluster, gpt2_dir, prompts, tmp_path):
+    spec = batch_ray.WorkerSpec(str(tmp_path / "nowhere"), False, "cpu", "auto", 1, 1, "m", batching.Extras())
+    with pytest.raises(LlmgenError, match=r"^\S*nowhere: not a model directory$"):
+        batch_ray.generate(spec, planned(gpt2_dir[0], prompts, 2), None, Quiet())
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
