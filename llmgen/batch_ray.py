@@ -29,6 +29,7 @@ import os
 import re
 import socket
 import tempfile
+import warnings
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,12 +114,21 @@ def connect(address: str) -> bool:
         _probe(address, target)
     local = {"include_dashboard": False} if address == LOCAL else {}  # "local": a new instance, whatever $RAY_ADDRESS says
     try:
-        ray.init(address=address, **local, logging_level=logging.ERROR, log_to_driver=False)
+        with warnings.catch_warnings():  # Ray Client warns before it raises: the error is the one line
+            warnings.simplefilter("ignore")
+            ray.init(address=address, **local, logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = " (set RAY_ADDRESS or start one: ray start --head)" if address == "auto" else ""
-        raise LlmgenError(f"--ray {address}: cannot join a Ray cluster{hint}: {reason}") from None
+        raise LlmgenError(f"--ray {address}: cannot join a Ray cluster{_hint(address)}: {reason}") from None
     return True
+
+
+def _hint(address: str) -> str:
+    if address == "auto":
+        return " (set RAY_ADDRESS or start one: ray start --head)"
+    if address.startswith("ray://"):  # Ray 2.60's client sends no token unless told to, and times out
+        return " (a cluster that requires a token, as `ray start --head` makes it, needs RAY_AUTH_MODE=token here)"
+    return ""
 
 
 def disconnect() -> None:

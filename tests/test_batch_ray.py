@@ -184,9 +184,11 @@ def test_a_model_a_worker_cannot_load_is_its_one_line_error(cluster, gpt2_dir, p
         batch_ray.generate(spec, planned(gpt2_dir[0], prompts, 2), None, Quiet())
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, ray_address: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
+    if ray_address is not None:
+        env["RAY_ADDRESS"] = ray_address
     return subprocess.run([sys.executable, "-m", "llmgen", *args], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -197,6 +199,9 @@ def test_an_unreachable_address_is_one_line_before_input_is_read(tmp_path):
     assert got.returncode == 1
     assert got.stderr == "llmgen: error: --ray ray://127.0.0.1:1: cannot reach a Ray cluster at 127.0.0.1:1 (Connection refused)\n"
     assert time.monotonic() - started < 30
+    got = run_cli("batch", missing, "--ray", "auto", ray_address="127.0.0.1:1")
+    assert (got.returncode, got.stderr) == (1, "llmgen: error: --ray auto: cannot reach a Ray cluster at 127.0.0.1:1 "
+                                               "(Connection refused)\n")
 
 
 def test_ray_not_installed_is_one_line_before_input_is_read(tmp_path, monkeypatch, capsys):
