@@ -794,16 +794,16 @@ class BatchProgress(_StderrBar):
     death printed above the bar."""
 
     def __init__(self, total: int, already: int = 0, workers: bool = False) -> None:
-        alive = (TextColumn("{task.fields[alive]} workers"),) if workers else ()
+        alive = (TextColumn("{task.fields[alive]}"),) if workers else ()
         super().__init__(
             "batch", total, TextColumn("{task.fields[rate]} tok/s"), *alive, TextColumn("ETA"), TimeRemainingColumn(),
-            completed=already, rate="-", alive=0,
+            completed=already, rate="-", alive="0 workers",
         )
         self.started = time.perf_counter()
         self.tokens = 0
 
     def workers(self, alive: int) -> None:
-        self.progress.update(self.task, alive=alive)
+        self.progress.update(self.task, alive=f"{alive} worker{'s' * (alive != 1)}")
 
     def note(self, text: str) -> None:
         self.console.print(Text(text, style="yellow"))
