@@ -265,9 +265,15 @@ class Dispatch:
         self.queue = deque(range(len(chunks)))
         self.idle: list[int] = []
         self.busy: dict = {}  # ObjectRef of a generate call -> (worker, chunk)
-        self.starting = {actor.ready.remote(): w for w, actor in enumerate(actors)}  # ready pings -> worker
+        self.starting = {self._ping(w): w for w in range(len(actors))}  # ready pings -> worker
         self.restarting: set[int] = set()  # workers that died under a chunk, pinged again
         self.lost: Counter = Counter()  # chunk -> times its worker died under it
+
+    def _ping(self, worker: int):
+        """A call that returns once the worker is up: Ray retries it while the worker is
+        restarting (a call to a restarting actor fails at once otherwise), and it fails
+        only when the worker is gone for good or could not load the model."""
+        return self.actors[worker].ready.options(max_task_retries=-1).remote()
 
     def run(self) -> None:
         import ray
@@ -328,7 +334,7 @@ class Dispatch:
                               f"{first} ({_why(error)}); re-run the same command to resume")
         self.queue.appendleft(chunk)
         self.report.note(f"ray: worker {worker} died ({_why(error)}); its {records} records go to another worker")
-        self.starting[self.actors[worker].ready.remote()] = worker
+        self.starting[self._ping(worker)] = worker
         self.restarting.add(worker)
 
 
