@@ -281,10 +281,13 @@ def _token_id(value, vocab_size: int) -> tuple[int, ...]:
 
 def load_checkpoint(
     model_dir: str | os.PathLike, device: str = "auto", dtype: str = "auto", trainable: bool = False,
+    weights: bool = True,
 ) -> Checkpoint:
     """Load a model for generation, or with ``trainable`` for training: then every weight
     stays a dense tensor (for generation, CPU float32 projections are packed for oneDNN;
-    ``--dtype int8`` or ``int4`` quantizes them instead)."""
+    ``--dtype int8`` or ``int4`` quantizes them instead). ``weights=False`` reads no
+    weights: the model stays on the meta device, with its config, tokenizer and
+    generation defaults (what ``batch --ray``'s driver needs to plan; workers generate)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: not a model directory")
@@ -308,6 +311,14 @@ def load_checkpoint(
     except (TypeError, ValueError, ZeroDivisionError, OverflowError, RuntimeError) as e:  # built on the meta device:
         raise ModelError(f"{cfg_path}: invalid {model_type} config ({e})") from None  # only the config can fail
 
+    if weights:
+        model = _load_weights(model, model_cls, cfg, hf_cfg, files, model_dir, torch_dtype, torch_device, quantized,
+                              trainable)
+    return _with_tokenizer(model_dir, model_type, model, hf_cfg, cfg.vocab_size)
+
+
+def _load_weights(model, model_cls, cfg, hf_cfg, files, model_dir, torch_dtype, torch_device, quantized, trainable):
+    """The meta-device ``model`` with the checkpoint's weights in it, on ``torch_device``."""
     tensors, origin = read_tensors(files, torch_dtype)
     try:
         renamed = model_cls.rename_checkpoint(tensors, cfg)
@@ -326,12 +337,16 @@ def load_checkpoint(
     model = model.to(torch_device).eval().requires_grad_(False)
     if not quantized and not trainable:
         pack_linears(model)
+    return model
 
-    tokenizer = _load_tokenizer(model_dir / "tokenizer.json", cfg.vocab_size)
+
+def _with_tokenizer(model_dir: Path, model_type: str, model, hf_cfg: dict, vocab_size: int) -> Checkpoint:
+    """``model`` with the directory's tokenizer, EOS/BOS ids and generation defaults."""
+    tokenizer = _load_tokenizer(model_dir / "tokenizer.json", vocab_size)
     gen_path = model_dir / "generation_config.json"
     gen = read_json(gen_path) if gen_path.is_file() else {}
-    eos = _token_id(gen.get("eos_token_id", hf_cfg.get("eos_token_id")), cfg.vocab_size)
-    bos = _token_id(gen.get("bos_token_id", hf_cfg.get("bos_token_id")), cfg.vocab_size)
+    eos = _token_id(gen.get("eos_token_id", hf_cfg.get("eos_token_id")), vocab_size)
+    bos = _token_id(gen.get("bos_token_id", hf_cfg.get("bos_token_id")), vocab_size)
     defaults = _generation_defaults(gen, gen_path)
     return Checkpoint(
         path=model_dir,

@@ -942,9 +942,17 @@ def info(
         sys.stdout.write(render.info_lines(facts))
 
 
+def _ray_address(value: str | None) -> str | None:
+    """--ray's value, checked while parsing (before anything loads)."""
+    from llmgen.batch_ray import check_address
+
+    return None if value is None else check_address(value)
+
+
 @app.command()
 @with_settings("max_new_tokens", *SAMPLING)
 def batch(
+    ctx: typer.Context,
     input_path: Annotated[Optional[str], typer.Argument(metavar="INPUT", show_default=False, help="Prompts: a text file (one per line) or JSONL (.jsonl) of {prompt, id?, seed?, and any sampling setting by name, e.g. top_p}; '-' or no INPUT reads stdin.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL to append to (resumable). Default: stdout.")] = None,
     model: ModelOpt = None,
@@ -965,6 +973,18 @@ def batch(
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="[ADDRESS]", callback=_ray_address, show_default=False,
+        help="Generate on Ray workers (needs the ray extra); put it after INPUT. Alone (or 'local'): a Ray instance "
+             "started on this machine; 'auto': the cluster $RAY_ADDRESS names, or the one `ray start` began here; "
+             "ray://HOST:PORT: that cluster. Records, resume and seeds are those of a local run.")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", min=1, show_default=False,
+        help="With --ray: model replicas (Ray actors), each with --threads CPU threads (default 1) or, with --device "
+             "cuda, a GPU. Default: as many as the cluster's CPUs (GPUs) hold.")] = None,
+    ship_model: Annotated[bool, typer.Option(
+        "--ship-model", help="With --ray: send the model's files to the workers through Ray's object store, "
+                             "instead of each node reading the model directory from the same path.")] = False,
     settings: dict | None = None,
 ) -> None:
     """Generate for every prompt of INPUT: one JSONL record each, with `index` and the fields of run --json.
@@ -985,6 +1005,7 @@ def batch(
     system = orch.check_chat(chat, system, chat_template, errors=None)
     options = orch.BatchOptions(settings, seed, tuple(stop or ()), ignore_eos, truncate.value, chat, system, chat_template)
     shard_i, shard_n = batching.parse_shard(shard)
+    _ray_connect(ctx, ray, workers, ship_model, device)  # no Ray, or nothing at the address: stop before reading INPUT
     records = batching.read_input(input_path)
     mine = [r for r in records if r.index % shard_n == shard_i]
     _stop_on_invalid(input_path, mine, skip_invalid)
@@ -1001,7 +1022,8 @@ def batch(
         sink.close()
         return
 
-    ckpt = orch.load(model, device, dtype.value, threads=threads)
+    # under --ray the workers hold the weights; the driver tokenizes and resolves settings
+    ckpt = orch.load(model, device, dtype.value, threads=threads) if ray is None else orch.load_vocabulary(model)
     base = batching.base_seed(seed, done, records, todo, orch.draw_seed)
     if done:
         batching.check_resume(done, orch.batch_jobs(ckpt, [r for r in mine if r.index in done], options, base),
@@ -1011,12 +1033,35 @@ def batch(
     errors = [batching.error_record(r) for r in todo if r.error is not None]
     if errors:
         sink.write(errors)
-    with render.BatchProgress(len(todo), already=len(errors)) as progress:  # counts tokens and time, after loading
-        batching.run_batches(ckpt, batching.plan(jobs, batch_size), sink, progress.update, orch.model_label(model),
-                             batching.Extras(logprobs, prompt_logprobs))
+    batches, extras = batching.plan(jobs, batch_size), batching.Extras(logprobs, prompt_logprobs)
+    with render.BatchProgress(len(todo), already=len(errors), workers=ray is not None) as progress:  # after loading
+        if ray is None:
+            batching.run_batches(ckpt, batches, sink, progress.update, orch.model_label(model), extras)
+        else:
+            from llmgen import batch_ray
+
+            spec = batch_ray.WorkerSpec(str(ckpt.path.resolve()), ship_model, device, dtype.value, threads, workers,
+                                        orch.model_label(model), extras)
+            batch_ray.generate(spec, batches, sink, progress)
     sink.close()
     render.stderr_console().print(render.batch_summary(
         len(mine), len(mine) - len(todo), len(todo), progress.tokens, progress.seconds(), output, errors=len(errors)))
+
+
+def _ray_connect(ctx: typer.Context, ray: str | None, workers: int | None, ship_model: bool, device: str) -> None:
+    """--ray's flags checked, and the cluster joined (or a local one started) until the
+    command ends (a local instance stops then: ``main`` leaves by ``os._exit``, past Ray's
+    own exit hook)."""
+    if ray is None:
+        for flag, given in (("--workers", workers is not None), ("--ship-model", ship_model)):
+            if given:
+                raise UsageError(f"{flag} needs --ray")
+        return
+    from llmgen import batch_ray
+
+    batch_ray.check_device(device)
+    if batch_ray.connect(ray):
+        ctx.call_on_close(batch_ray.disconnect)
 
 
 def _stop_on_invalid(input_path: str, records, skip_invalid: bool) -> None:
@@ -1368,6 +1413,23 @@ def command():
     return group
 
 
+OPTIONAL_VALUES = {"--ray": "local"}  # an option that may be given alone, and the value it then means
+
+
+def _optional_values(args: list[str]) -> list[str]:
+    """``--ray`` alone (last, or before another option) as ``--ray=local``. Click calls
+    this an option with a ``flag_value``; the parser Typer 0.29 ships has no such
+    options, so the arguments are completed before it sees them (up to ``--``)."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        following = out[i + 1] if i + 1 < len(out) else None
+        if arg in OPTIONAL_VALUES and (following is None or (following.startswith("-") and len(following) > 1)):
+            out[i] = f"{arg}={OPTIONAL_VALUES[arg]}"
+    return out
+
+
 def _strict_numbers(param) -> None:
     """Typer 0.29 parses numbers with Pydantic's lax rules: ``-n 1000000000.0`` is an
     integer and ``-t inf`` or ``nan`` a temperature. Every number flag takes the strict
@@ -1442,7 +1504,8 @@ def main(argv: list[str] | None = None) -> int:
     global _debug
     _debug = _debug or bool(os.environ.get("LLMGEN_DEBUG"))
     try:
-        result = command()(args=argv, prog_name="llmgen", standalone_mode=False)
+        args = _optional_values(sys.argv[1:] if argv is None else argv)
+        result = command()(args=args, prog_name="llmgen", standalone_mode=False)
         code = result if isinstance(result, int) else 0
         if code == 130:  # Typer turns Ctrl-C into a silent Exit(130)
             raise KeyboardInterrupt

@@ -16,7 +16,8 @@ no choice is reached through an odd split the model never saw in training.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -134,12 +135,20 @@ def _spells_text(adapter, vocab_size: int) -> bool:
 
 @dataclass(frozen=True)
 class Grammar:
-    """A constraint compiled against one vocabulary: what each row's matcher starts from."""
+    """A constraint compiled against one vocabulary: what each row's matcher starts from.
+    It holds the vocabulary as text, not llguidance's object, so it pickles (``batch
+    --ray`` sends jobs to workers); the object is rebuilt once per process (``_adapter``
+    is cached)."""
 
     kind: str  # which setting it came from
     source: str  # the llguidance grammar
-    adapter: Any  # llguidance.LLTokenizer
+    tokenizer_json: str = field(repr=False)
     vocab_size: int  # the model's: masks are this wide
+    eos: tuple[int, ...]
+
+    @property
+    def adapter(self):  # llguidance.LLTokenizer
+        return _adapter(self.tokenizer_json, self.vocab_size, self.eos)
 
     def matcher(self):
         lg = llguidance()
@@ -158,9 +167,10 @@ def compile_for(values: dict[str, Any], vocabulary, vocab_size: int, eos: tuple[
     kind = next((k for k in CONSTRAINT_KINDS if values.get(k)), None)
     if kind is None:
         return None
-    adapter = _adapter(vocabulary.tokenizer.to_str(), vocab_size, tuple(eos))
+    tokenizer_json = _tokenizer_json(vocabulary)
     source = _choices(values[kind], vocabulary) if kind == "choice" else grammar_source(kind, values[kind])
-    grammar = Grammar(kind, source, adapter, vocab_size)
+    grammar = Grammar(kind, source, tokenizer_json, vocab_size, tuple(eos))
+    adapter = grammar.adapter
     m = grammar.matcher()
     if m.is_error():
         raise SettingError(kind, f"cannot be used with this vocabulary: {_one_line(m.get_error())}")
@@ -168,6 +178,17 @@ def compile_for(values: dict[str, Any], vocabulary, vocab_size: int, eos: tuple[
     if kind != "choice" and not _spells_text(adapter, vocab_size) and finishable(grammar) is False:
         raise SettingError(kind, "cannot be satisfied with this model's vocabulary: no sequence of its tokens spells a string it allows")
     return grammar
+
+
+_JSON: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_json(vocabulary) -> str:
+    """The vocabulary's tokenizer.json text, one string per vocabulary, so that every
+    grammar compiled for it shares it (a pickle of many jobs then carries it once)."""
+    if vocabulary not in _JSON:
+        _JSON[vocabulary] = vocabulary.tokenizer.to_str()
+    return _JSON[vocabulary]
 
 
 def _choices(choices: tuple[str, ...], vocabulary) -> str:

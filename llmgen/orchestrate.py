@@ -91,6 +91,15 @@ def load(model: str | None, device: str, dtype: str, threads: int | None = None)
     return ckpt
 
 
+def load_vocabulary(model: str | None):
+    """The model's config, tokenizer and generation defaults, with no weights read (its
+    modules stay on the meta device): what ``batch --ray``'s driver needs to turn records
+    into jobs exactly as a local batch does, while only the workers hold the weights."""
+    from llmgen.checkpoint import default_model_dir, load_checkpoint
+
+    return load_checkpoint(default_model_dir(model), device="cpu", weights=False)
+
+
 DRAFT_TOKENS = 5  # drafted tokens per round when --draft-tokens is not given (gpt-fast's default)
 
 

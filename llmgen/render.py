@@ -807,15 +807,24 @@ def batch_summary(total: int, already: int, done: int, tokens: int, seconds: flo
 
 
 class BatchProgress(_StderrBar):
-    """Records done, tokens/s and ETA while a batch file runs."""
+    """Records done, tokens/s and ETA while a batch file runs; with ``workers`` (batch
+    --ray) also how many workers of the cluster are alive, and notes such as a worker's
+    death printed above the bar."""
 
-    def __init__(self, total: int, already: int = 0) -> None:
+    def __init__(self, total: int, already: int = 0, workers: bool = False) -> None:
+        alive = (TextColumn("{task.fields[alive]}"),) if workers else ()
         super().__init__(
-            "batch", total, TextColumn("{task.fields[rate]} tok/s"), TextColumn("ETA"), TimeRemainingColumn(),
-            completed=already, rate="-",
+            "batch", total, TextColumn("{task.fields[rate]} tok/s"), *alive, TextColumn("ETA"), TimeRemainingColumn(),
+            completed=already, rate="-", alive="0 workers",
         )
         self.started = time.perf_counter()
         self.tokens = 0
+
+    def workers(self, alive: int) -> None:
+        self.progress.update(self.task, alive=f"{alive} worker{'s' * (alive != 1)}")
+
+    def note(self, text: str) -> None:
+        self.console.print(Text(text, style="yellow"))
 
     def seconds(self) -> float:
         return time.perf_counter() - self.started

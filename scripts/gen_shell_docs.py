@@ -32,6 +32,7 @@ VALUES = {
     "--grammar": "file",
     "--format": ["json"],
     "--device": ["auto", "cpu", "cuda"],
+    "--ray": ["local", "auto"],  # or ray://HOST:PORT; --ray may also stand alone
     "--output": "file",
     "--init": "dir",
     "--pairs": "file",
