@@ -236,7 +236,11 @@ def random_shape(shape: str) -> tuple[Path, Path]:
     gguf_path = model_dir / "model.F32.gguf"
     if not gguf_path.is_file():
         ref = AutoModelForCausalLM.from_pretrained(model_dir)
-        write_gguf(gguf_path, ref, Tokenizer.from_file(str(model_dir / "tokenizer.json")))
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        # llama.cpp wants a token for every row of the embedding: the shape's vocabulary is
+        # real-sized, its tokenizer small, so the rest are listed as unused tokens
+        unused = [f"<unused{i}>" for i in range(tokenizer.get_vocab_size(), ref.config.vocab_size)]
+        write_gguf(gguf_path, ref, tokenizer, extra_pieces=unused)
     return model_dir, gguf_path
 
 

@@ -82,8 +82,8 @@ def _vocabulary(w, tokenizer, sentencepiece, extra_pieces) -> None:
         model = json.loads(tokenizer.to_str())["model"]
         tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
         w.add_tokenizer_model("gpt2")
-        w.add_token_list(tokens)
-        w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
+        w.add_token_list(tokens + list(extra_pieces))
+        w.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens] + [5] * len(extra_pieces))  # 5: unused
         w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in model["merges"]])
         w.add_bos_token_id(0)
         w.add_eos_token_id(0)
@@ -108,7 +108,8 @@ def write_gguf(path: Path, ref, tokenizer=None, qtype=None, sentencepiece=None, 
     ``qtype`` (default F32). The vocabulary is ``tokenizer``'s byte-level BPE, or with
     ``sentencepiece`` (a processor) that one's pieces, scores and piece types, as
     llama.cpp stores a Llama 2 or Gemma vocabulary; ``extra_pieces`` are appended as
-    written (Gemma stores its runs of spaces as real spaces)."""
+    written (Gemma stores its runs of spaces as real spaces; a byte-level BPE vocabulary
+    smaller than the model's embedding is padded with them as unused tokens)."""
     import gguf
 
     qtype = qtype if qtype is not None else gguf.GGMLQuantizationType.F32
