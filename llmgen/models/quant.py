@@ -354,7 +354,7 @@ def quantized_weights(model: nn.Module) -> list[Quantized]:
     """The model's quantized matrices, each once (a tied model's table serves two modules)."""
     found = {}
     for module in model.modules():
-        if isinstance(getattr(module, "quantized", None), Int8Weight | Int4Weight):
+        if isinstance(getattr(module, "quantized", None), Quantized):
             found.setdefault(id(module.quantized), module.quantized)
     return list(found.values())
 
