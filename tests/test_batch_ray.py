@@ -112,29 +112,26 @@ def test_constrained_records_travel_to_workers(cluster, gpt2_dir, tmp_path):
 
 def test_a_worker_killed_mid_run_loses_nothing_and_writes_nothing_twice(cluster, gpt2_dir, prompts, local, tmp_path,
                                                                        monkeypatch, capsys):
-    started = batch_ray.start
+    finished = batch_ray.Dispatch._finished
 
-    def start_then_kill(spec, report):
-        """Start the workers as usual; when the first chunk's records arrive, kill worker 0."""
-        actors = started(spec, report)
-        update = report.update
-
-        def update_and_kill(records, tokens):
-            if not killed:
-                ray.kill(actors[0])
-                killed.append(records)
-            update(records, tokens)
-
-        report.update = update_and_kill
-        return actors
+    def finished_then_kill(self, ref):
+        """After the first chunk is written, kill the worker that wrote it while chunks
+        remain: it is idle, so it is the next to be handed one, and dies under it. (Killing
+        at a moment chosen by the clock raced with the other worker's start-up.)"""
+        worker, _ = self.busy[ref]
+        finished(self, ref)
+        if not killed and self.queue:
+            ray.kill(self.actors[worker])
+            killed.append(worker)
 
     killed = []
-    monkeypatch.setattr(batch_ray, "start", start_then_kill)
+    monkeypatch.setattr(batch_ray.Dispatch, "_finished", finished_then_kill)
     out = tmp_path / "ray.jsonl"
     assert main(["batch", str(prompts), "-o", str(out), "-m", str(gpt2_dir[0]), *FLAGS, "--ray", "--workers", "2"]) == 0
     err = capsys.readouterr().err
     assert killed
-    assert "ray: worker 0 died (killed by ray.kill)" in err and "worker 0 is gone" in err, err
+    [w] = killed
+    assert f"ray: worker {w} died (killed by ray.kill)" in err and f"worker {w} is gone" in err, err
     assert by_index(out) == local
 
 
