@@ -1085,7 +1085,7 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT_DIR if it is not empty.")] = False,
     keep_quant: KeepQuantOpt = False,
 ) -> None:
-    """Convert a GGUF file (llama.cpp) into a safetensors model directory that --model loads: weights dequantized (or with --keep-quant kept at 8 bits), config, tokenizer, generation config and chat template rebuilt from the GGUF metadata."""
+    """Convert a GGUF file (llama.cpp) into a safetensors model directory that --model loads: weights dequantized (or with --keep-quant kept quantized: Q4_0 as its own blocks, other formats as int8 rows), config, tokenizer, generation config and chat template rebuilt from the GGUF metadata."""
     from llmgen import render
     from llmgen.checkpoint import DTYPES
     from llmgen.convert import convert_into, tensor_count

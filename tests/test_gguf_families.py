@@ -6,7 +6,7 @@ sliding window, with the same architecture features."""
 import pytest
 import torch
 
-from checkpoints import assert_logits_match, build_llama, build_neox
+from checkpoints import assert_logits_match, build_gpt2, build_llama, build_neox
 from gguf_writer import write_gguf
 from llmgen.checkpoint import load_checkpoint
 from llmgen.cli import main
@@ -26,6 +26,7 @@ CASES = {
     "gemma3-window-local-rope": ("gemma3_text", {"head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16,
                                                  "num_hidden_layers": 3, "attn_implementation": "eager", "tie_word_embeddings": True,
                                                  "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    "gpt2-learned-positions": ("gpt2", {}),
     "pythia-parallel": ("gpt_neox", {}),
     "neox-serial-full-rotary": ("gpt_neox", {"use_parallel_residual": False, "rotary_pct": 1.0}),
 }
@@ -36,6 +37,8 @@ def test_family_gguf_converts_back_to_its_model(case, tmp_path, tokenizer):
     kind, overrides = CASES[case]
     if kind == "gpt_neox":
         ref = build_neox(tmp_path / "hf", tokenizer=tokenizer, **overrides)
+    elif kind == "gpt2":
+        ref = build_gpt2(tmp_path / "hf", tokenizer=tokenizer, **overrides)
     else:
         ref = build_llama(tmp_path / "hf", kind, tokenizer=tokenizer, **overrides)
     write_gguf(tmp_path / "m.gguf", ref, tokenizer)
@@ -43,19 +46,21 @@ def test_family_gguf_converts_back_to_its_model(case, tmp_path, tokenizer):
     ours, original = load_checkpoint(tmp_path / "out", device="cpu"), load_checkpoint(tmp_path / "hf", device="cpu")
     assert ours.model_type == original.model_type
     assert ours.model.cfg.features == original.model.cfg.features
-    window = ours.model.cfg.sliding_window
+    window = getattr(ours.model.cfg, "sliding_window", None)
     assert window is None or len(ours.encode(LONG[0])) > 2 * window
     assert_logits_match(ref, ours, LONG)
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "phi3"])
+@pytest.mark.parametrize("kind", ["qwen3", "phi3", "gpt2"])
 def test_transformers_reads_these_files_as_llmgen_does(kind, tmp_path, tokenizer):
     """The files above follow llama.cpp's layout, not just ours: transformers, which reads
     llama.cpp's files independently, gets the same logits from them."""
     from transformers import AutoModelForCausalLM
 
-    # transformers does not read Qwen3's head size from the file; it assumes Qwen3's 128.
-    ref = build_llama(tmp_path / "hf", kind, tokenizer=tokenizer, **({"head_dim": 128} if kind == "qwen3" else {}))
+    if kind == "gpt2":  # transformers reads GPT-2's context length into n_ctx, leaving n_positions at its 1024
+        ref = build_gpt2(tmp_path / "hf", tokenizer=tokenizer, n_positions=1024)
+    else:  # transformers does not read Qwen3's head size from the file; it assumes Qwen3's 128.
+        ref = build_llama(tmp_path / "hf", kind, tokenizer=tokenizer, **({"head_dim": 128} if kind == "qwen3" else {}))
     write_gguf(tmp_path / "m.gguf", ref, tokenizer)
     assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "out"), "--dtype", "float32"]) == 0
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
@@ -83,3 +88,39 @@ def test_longrope_gguf_is_refused_by_name(tmp_path, tokenizer, capsys):
     w.close()
     assert main(["convert", str(tmp_path / "long.gguf"), str(tmp_path / "out")]) == 1
     assert "longrope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_gpt2_keep_quant_keeps_matrices_in_linear_order_and_positions_as_a_table(qtype, tmp_path, tokenizer):
+    """GPT-2's checkpoints store its projections as Conv1D ``[in, out]``; quantized rows
+    are stored in ``nn.Linear``'s ``[out, in]`` (a row is what a scale covers), and the
+    loader must not turn those. The position table is looked up, never multiplied, so it
+    is dequantized. Loaded as float32, every matrix is the GGUF's own dequantized values;
+    loaded as stored, the logits are within rounding of those."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from llmgen.models import quant
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    ref = build_gpt2(tmp_path / "hf", tokenizer=tokenizer, n_embd=64, init_scale=0.15)
+    write_gguf(tmp_path / "m.gguf", ref, tokenizer, kind)
+    assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "out"), "--keep-quant", "--dtype", "float32"]) == 0
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    assert stored["transformer.wpe.weight"].is_floating_point() and "transformer.wpe.weight" + quant.SCALE not in stored
+    assert not stored["transformer.h.0.mlp.c_fc.weight"].is_floating_point()
+
+    dense = load_checkpoint(tmp_path / "out", device="cpu", dtype="float32", trainable=True)
+    values = {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+              for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    fc = dense.model.h[0].mlp.c_fc.weight  # nn.Linear's [out, in], as the GGUF stores it
+    assert fc.shape == values["blk.0.ffn_up.weight"].shape == (256, 64)
+    assert torch.allclose(fc, values["blk.0.ffn_up.weight"], atol=float(fc.abs().max()) / 100)
+    assert torch.equal(dense.model.wpe.weight, values["position_embd.weight"])
+
+    kept = load_checkpoint(tmp_path / "out", device="cpu")  # as stored: integer kernels
+    assert quant.quantized_weights(kept.model)
+    ids = torch.tensor([kept.encode(LONG[0])])
+    with torch.inference_mode():
+        want, got = dense.model(ids)[0], kept.model(ids)[0]
+    assert float((got - want).abs().max()) <= 0.02 * float(want.max() - want.min())

@@ -60,20 +60,21 @@ def convert(
     for t in reader.tensors:
         name = arch.hf_name(t.name)
         weight = arch.restore(name, _dequantized(gguf_path, t), cfg)
-        blocks = _q4_0_blocks(arch, name, t, weight, cfg) if keep_quant and t.tensor_type.name == "Q4_0" else None
+        kept = keep_quant and weight.ndim == 2 and t.tensor_type.name not in FLOAT_TYPES and arch.keeps_quantized(name)
+        blocks = _q4_0_blocks(arch, name, t, weight, cfg) if kept and t.tensor_type.name == "Q4_0" else None
         if blocks is not None:
             tensors[name], tensors[name + SCALE] = blocks
-        elif keep_quant and weight.ndim == 2 and t.tensor_type.name not in FLOAT_TYPES:
+        elif kept:
             tensors[name], tensors[name + SCALE] = rows_at_rest(weight)
         else:
-            tensors[name] = weight.to(dtype).contiguous()
+            tensors[name] = arch.float_layout(name, weight).to(dtype).contiguous()
         if on_tensor is not None:
             on_tensor(t.name)
     if any(n.endswith(SCALE) for n in tensors):
         formats = sorted({"q4_0 blocks" if tensors[n[: -len(SCALE)]].dtype is torch.uint8 else "int8 rows"
                           for n in tensors if n.endswith(SCALE)})
         cfg = {**cfg, "quantization_config": {"quant_method": METHOD, "formats": formats, "turned": True}}
-    _write_model(out_dir, tensors, cfg, dtype, gguf_path.name)
+    _write_model(out_dir, tensors, arch.hf_config(cfg) if arch.hf_config else cfg, dtype, gguf_path.name)
     (out_dir / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
     tok_cfg = {"chat_template": chat_template}
     for key in ("bos_token_id", "eos_token_id"):

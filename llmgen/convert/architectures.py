@@ -2,7 +2,7 @@
 
 A GGUF names tensors its own way (``blk.3.attn_q``), stores a few of them transformed
 (Llama's Q/K rows permuted for interleaved rotary, Gemma's norms as ``1 + w``, GPT-NeoX's
-fused q/k/v regrouped), and keeps the hyperparameters under ``{arch}.*`` keys, leaving
+fused q/k/v regrouped, GPT-2's Conv1D matrices turned into ``nn.Linear``'s order), and keeps the hyperparameters under ``{arch}.*`` keys, leaving
 out some that llama.cpp derives from the model size. Each ``Arch`` below undoes one
 architecture's choices so that the directory written loads through the same family
 readers as a checkpoint downloaded in the Hugging Face layout.
@@ -47,6 +47,9 @@ class Arch:
     config: Callable[[Fields, dict], dict] | None = None  # family keys on top of the shared ones
     base_layer: dict = field(default_factory=lambda: LLAMA_LAYER)
     shapes: dict = field(default_factory=dict)  # additions to / replacements of SHAPES
+    transposed: tuple[str, ...] = ()  # HF names whose float weight is stored [in, out] (GPT-2's Conv1D)
+    kept_float: tuple[str, ...] = ()  # HF names read as tables, not multiplied: dequantized even by --keep-quant
+    hf_config: Callable[[dict], dict] | None = None  # config.json in the family's own key names
 
     def parse(self, name: str) -> tuple[int | None, str, str]:
         """``blk.3.attn_q.weight`` -> ``(3, "attn_q", "weight")``, ``output.weight`` ->
@@ -76,6 +79,15 @@ class Arch:
         """The dimensions of a tensor in PyTorch's order, named as in ``dimensions``."""
         weight = self.shapes.get(kind) or SHAPES[kind]
         return weight if leaf == "weight" else weight[:1]  # a bias spans its weight's rows
+
+    def float_layout(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """A float weight as the family's checkpoints store it. Quantized rows keep
+        ``nn.Linear``'s order, rows being what they scale."""
+        return w.t() if w.ndim == 2 and name.endswith(self.transposed) else w
+
+    def keeps_quantized(self, name: str) -> bool:
+        """Whether ``--keep-quant`` may keep this tensor quantized: a matrix the model multiplies."""
+        return name not in self.kept_float
 
     def restore(self, name: str, w: torch.Tensor, cfg: dict) -> torch.Tensor:
         """Undo what llama.cpp's converter did to this tensor (``name`` is the HF name)."""
@@ -191,6 +203,33 @@ def _neox(f: Fields, cfg: dict) -> dict:
     }
 
 
+def _gpt2(f: Fields, cfg: dict) -> dict:
+    """LayerNorm's epsilon; every head the same width, with no rotary to size it."""
+    width_per_head(f, cfg)
+    return {"layer_norm_epsilon": f.number(f.arch_key("attention.layer_norm_epsilon"), 1e-5, positive=False)}
+
+
+GPT2_NAMES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+              "max_position_embeddings": "n_positions", "intermediate_size": "n_inner"}
+GPT2_UNUSED = ("num_key_value_heads", "rms_norm_eps", "rope_theta", "hidden_act")  # no GQA, RMSNorm or rotary
+
+
+def _gpt2_hf_config(cfg: dict) -> dict:
+    """transformers' GPT2Config names: ``n_embd`` for ``hidden_size`` and so on."""
+    out = {GPT2_NAMES.get(k, k): v for k, v in cfg.items() if k not in GPT2_UNUSED}
+    return {**out, "n_ctx": out["n_positions"], "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"]}
+
+
+GPT2_TOP = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
+            "output": "lm_head"}
+GPT2_LAYER = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
 NEOX_TOP = {"token_embd": "gpt_neox.embed_in", "output_norm": "gpt_neox.final_layer_norm", "output": "embed_out"}
 NEOX_LAYER = {
     "attn_norm": "input_layernorm",
@@ -211,6 +250,9 @@ ARCHS = {  # GGUF general.architecture -> how to read it
     "gemma": Arch("gemma", norm_offset=1.0, config=_gemma),
     "gemma2": Arch("gemma2", layer=SANDWICH, norm_offset=1.0, config=_gemma2),
     "gemma3": Arch("gemma3_text", layer={**SANDWICH, **QK_NORMS}, norm_offset=1.0, config=_gemma3),
+    "gpt2": Arch("gpt2", top=GPT2_TOP, base_layer=GPT2_LAYER, prefix="transformer.h", config=_gpt2,
+                 transposed=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
+                 kept_float=("transformer.wpe.weight",), hf_config=_gpt2_hf_config),
     "gptneox": Arch("gpt_neox", top=NEOX_TOP, base_layer=NEOX_LAYER, prefix="gpt_neox.layers",
                     qkv_by_kind=True, config=_neox),
 }
@@ -296,6 +338,7 @@ def _rope_scaling(f: Fields) -> dict:
 # ``dimensions``; the families' ``shapes`` replace some. A bias spans its weight's rows.
 SHAPES = {
     "token_embd": ("vocab", "hidden"), "output": ("vocab", "hidden"), "output_norm": ("hidden",),
+    "position_embd": ("context", "hidden"),
     "attn_norm": ("hidden",), "ffn_norm": ("hidden",), "post_attention_norm": ("hidden",), "post_ffw_norm": ("hidden",),
     "attn_q": ("q", "hidden"), "attn_k": ("kv", "hidden"), "attn_v": ("kv", "hidden"), "attn_output": ("hidden", "q"),
     "attn_qkv": ("q+2*kv", "hidden"), "attn_q_norm": ("head",), "attn_k_norm": ("head",),
@@ -305,7 +348,7 @@ SHAPES = {
 DIMENSION_KEYS = {
     "hidden": ("embedding_length",), "ffn": ("feed_forward_length",), "2*ffn": ("feed_forward_length",),
     "head": ("attention.head_count",), "q": ("attention.head_count",), "kv": ("attention.head_count_kv",),
-    "q+2*kv": ("attention.head_count", "attention.head_count_kv"),
+    "q+2*kv": ("attention.head_count", "attention.head_count_kv"), "context": ("context_length",),
 }
 
 
@@ -313,7 +356,7 @@ def dimensions(cfg: dict) -> dict[str, int]:
     head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     q, kv, ffn = cfg["num_attention_heads"] * head, cfg["num_key_value_heads"] * head, cfg["intermediate_size"]
     return {"vocab": cfg["vocab_size"], "hidden": cfg["hidden_size"], "ffn": ffn, "2*ffn": 2 * ffn,
-            "head": head, "q": q, "kv": kv, "q+2*kv": q + 2 * kv}
+            "head": head, "q": q, "kv": kv, "q+2*kv": q + 2 * kv, "context": cfg["max_position_embeddings"]}
 
 
 def check_tensors(f: Fields, arch: Arch, cfg: dict) -> None:
@@ -343,7 +386,7 @@ def _block_count(f: Fields, arch: Arch) -> int:
             parsed[t.name] = arch.parse(t.name)
         except ValueError as e:
             raise ModelError(f"{f.path}: {e}") from None
-    for needed in ("token_embd.weight", "output_norm.weight"):
+    for needed in [f"{kind}.weight" for kind in arch.top if kind != "output"]:  # the head may be tied
         if needed not in parsed:
             raise ModelError(f"{f.path}: no tensor {needed!r}")
     layers: dict[int, set[str]] = {}

@@ -180,7 +180,7 @@ class GPT2(nn.Module):
                 continue
             if key == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
-            if key.endswith(CONV1D_SUFFIXES) and t.ndim == 2:
+            if key.endswith(CONV1D_SUFFIXES) and t.ndim == 2 and t.is_floating_point():  # quantized rows: Linear's order
                 t = t.t()
             out[key] = (name, t)
         return out
