@@ -206,8 +206,7 @@ def smollm2() -> tuple[Path, Path]:
 
 def kept(gguf_file: Path) -> Path | None:
     """``gguf_file`` converted by ``llmgen convert --keep-quant``: Q4_0 blocks as they are,
-    other quantized matrices as int8 rows; None for an architecture convert does not read
-    (GPT-2: its int4 row, Q4_0 rounded at load by llama.cpp's rule, stands in)."""
+    other quantized matrices as int8 rows; None for an architecture convert does not read."""
     out = gguf_file.with_suffix(".llmgen")
     if not (out / "model.safetensors").is_file():
         import torch
