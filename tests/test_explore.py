@@ -50,6 +50,27 @@ def test_a_step_is_one_forward_pass_and_going_back_is_free(session, ckpt):
         session.back()
 
 
+def test_only_the_most_recent_nodes_keep_their_numbers(ckpt, monkeypatch):
+    """A long session's memory is bounded: beyond KEPT_NODES, the least recently used
+    node's logits, candidates and chain are dropped. Coming back to it costs one pass and
+    gives the same numbers as before (a sampler with state, to show its chain is rebuilt)."""
+    monkeypatch.setattr(Session, "KEPT_NODES", 3)
+    session = Session(ckpt, orch.prompt_ids(ckpt, PROMPT), {"repetition_penalty": 1.5}, seed=3)
+    first = session.candidates().ranked[0]
+    session.take(first)
+    before = session.candidates()
+    for _ in range(4):
+        session.take(session.candidates().ranked[1])
+    kept = [n.id for n in session.nodes if n.logits is not None]
+    assert len(kept) <= 3 and len(session._explained) <= 3 and len(session._chains) <= 3
+    assert session.nodes[1].logits is None and 1 not in session._explained
+    passes = session.forward_passes
+    again = session.candidates(1)
+    assert session.forward_passes == passes + 1
+    assert torch.allclose(again.raw, before.raw, atol=1e-6) and torch.allclose(again.final, before.final, atol=1e-6)
+    assert list(again.removed_by) == list(before.removed_by)
+
+
 def test_cached_logits_equal_a_fresh_forward_pass(session, ckpt):
     """Stepping along branches through the cut-back cache gives every node the logits a
     whole forward pass over its path gives (float sums in another order: 1e-5)."""

@@ -27,7 +27,7 @@ SETTING_KEYS = {"t": "temperature", "k": "top_k", "p": "top_p", "m": "min_p", "r
 
 HELP = """keys
   ↑ ↓ PgUp PgDn   move in the candidates table
-  Enter           take the selected token (one forward pass; a node seen before costs none)
+  Enter           take the selected token (one forward pass; a node seen lately costs none)
   Backspace       go back one token (free)
   /               filter the table by token text (whole vocabulary); Esc clears it
   g               extend greedily by N tokens (asks N)

@@ -9,8 +9,11 @@ or an exact search's answers onto the tree as branches. Nothing here draws or pr
 Cost. The KV cache holds the current path (``cached``). A step to a child feeds the
 one new token, so it costs one forward pass; stepping elsewhere cuts the cache back to
 the prefix the two paths share (as speculative decoding forgets a rejected draft, by
-setting its length) and feeds only the rest. Every node keeps the logits computed
-after it, so going back, or returning to a node seen before, costs no pass at all.
+setting its length) and feeds only the rest. The nodes used most recently (``KEPT_NODES``)
+keep the logits computed after them, their candidates and their sampler chain, so going
+back, or returning to a node seen lately, costs no pass at all. An older node's are
+recomputed when wanted (one pass): a node's numbers run to several vocabularies of
+floats, and a long session must not grow without bound.
 
 Samplers. The chain's stages may keep state (penalties count the text, mirostat moves
 its target, XTC draws from a seeded generator), so a node's candidates depend on the
@@ -27,6 +30,7 @@ every chain, and the current node's is rebuilt along its path.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -60,7 +64,7 @@ class Node:
     ended: bool = False  # its token ends the text (EOS, or end of turn under --chat)
     children: list[int] = field(default_factory=list)
     marks: dict[str, str] = field(default_factory=dict)
-    logits: torch.Tensor | None = field(default=None, repr=False)  # (vocab,) after this node, once computed
+    logits: torch.Tensor | None = field(default=None, repr=False)  # (vocab,) after this node, while kept
 
 
 @dataclass
@@ -165,6 +169,8 @@ class Session:
     ``seed`` is the seed of the sampler's random stages; sample i of the session (``s``)
     draws with seed + i, as ``run --num-samples`` does."""
 
+    KEPT_NODES = 256  # ~50 MB of logits at a 49k vocabulary, and their candidates; returning to these is free
+
     def __init__(self, ckpt, prompt_ids: list[int], settings: dict[str, Any], seed: int | None = None,
                  chat: bool = False, prompt: str = "") -> None:
         self.ckpt, self.model = ckpt, ckpt.model
@@ -183,6 +189,7 @@ class Session:
         self.cached: list[int] = []  # the ids whose keys and values the cache holds
         self._chains: dict[int, Any] = {}  # node id -> the sampler chain as it stands after it
         self._explained: dict[int, Candidates] = {}
+        self._recent: OrderedDict[int, None] = OrderedDict()  # nodes holding kept numbers, least recent first
 
     def _resolve(self, settings: dict[str, Any], seed: int):
         return orch.generation(self.ckpt, settings, seed=seed, chat=self.chat)
@@ -234,7 +241,19 @@ class Session:
         pass over the tokens of its path the cache does not already hold."""
         if node.logits is None:
             self._forward(node)
+        self._touch(node)
         return node.logits
+
+    def _touch(self, node: Node) -> None:
+        """``node``'s kept numbers were just used: beyond ``KEPT_NODES``, the least recently
+        used node's logits, candidates and chain are dropped, to be recomputed if wanted."""
+        self._recent[node.id] = None
+        self._recent.move_to_end(node.id)
+        while len(self._recent) > self.KEPT_NODES:
+            old, _ = self._recent.popitem(last=False)
+            self.nodes[old].logits = None
+            self._explained.pop(old, None)
+            self._chains.pop(old, None)
 
     @torch.inference_mode()
     def _forward(self, node: Node) -> None:
@@ -253,7 +272,8 @@ class Session:
         for pos in range(max(keep, first), len(ids)):
             on_path = chain[pos - first]
             if on_path.logits is None:
-                on_path.logits = logits[pos - keep]
+                on_path.logits = logits[pos - keep].clone()  # a row of its own: a view would keep the whole pass
+                self._touch(on_path)
 
     # -- what comes next
 
@@ -270,6 +290,7 @@ class Session:
             self._explained[node.id] = Candidates(
                 node.id, why.order, raw, [(name, p.cpu()) for name, p in why.stages], final, why.removed_by,
                 why.changed_by, entropy(raw), entropy(final))
+        self._touch(node)
         return self._explained[node.id]
 
     def _fresh_chain(self, sampling: config.SamplingConfig, seed: int | None):
@@ -290,11 +311,13 @@ class Session:
         start = max((i for i, n in enumerate(path) if n.id in self._chains), default=None)
         if start is None:
             self._chains[0] = self._fresh_chain(self.gen.sampling, self.seed)
+            self._touch(path[0])
             start = 0
         for parent, child in zip(path[start:], path[start + 1:]):
             sampler = copy.deepcopy(self._chains[parent.id])
             self._hear(sampler, parent, child.token_id)
             self._chains[child.id] = sampler
+            self._touch(child)
         return self._chains[node.id]
 
     def _replayed(self, sampling: config.SamplingConfig, seed: int | None):
@@ -308,7 +331,7 @@ class Session:
     # -- moving
 
     def take(self, token: int) -> Node:
-        """Step to the child for ``token``: one forward pass for a node not seen before."""
+        """Step to the child for ``token``: one forward pass for a node not seen lately."""
         node = self._child(self.node, token)
         self.current = node.id
         if not node.ended and len(self.prompt_ids) + node.depth <= self.context:
@@ -326,7 +349,7 @@ class Session:
         return ids
 
     def back(self) -> Node:
-        """Step to the parent: free, its logits and candidates are kept."""
+        """Step to the parent: free, its logits and candidates are kept (see KEPT_NODES)."""
         if self.node.parent is None:
             raise LlmgenError("already at the prompt")
         self.current = self.node.parent
