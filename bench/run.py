@@ -163,7 +163,7 @@ def main() -> None:
 
     weights_mb = weight_bytes(ours.model) / 2**20
     if device.type == "cpu":
-        extra, first = startup_seconds(2 * args.repeats + 1)
+        extra, first = startup_seconds(1 if args.quick else 2 * args.repeats + 1)
         rows.append(("embedded model: `run -n 1` minus `import torch` (s)", extra, None))
         rows.append(("embedded model: first token from process start (s)", first, None))
         torch_rss = peak_rss_mb("import torch")
