@@ -141,16 +141,16 @@ def test_a_killed_driver_is_resumed_by_running_the_command_again(cluster, gpt2_d
            "--ray", "auto", "--workers", "2"]
     env = {**os.environ, "RAY_ADDRESS": cluster, "PYTHONPATH": str(ROOT)}
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 40
+    deadline = time.monotonic() + 180  # a bound, not a timing: a loaded machine took over 40 s to start Ray's workers
     while not (out.exists() and out.read_bytes().count(b"\n") >= 1) and driver.poll() is None:
-        assert time.monotonic() < deadline, "no record written in 40 s"
+        assert time.monotonic() < deadline, "no record written in 180 s"
         time.sleep(0.005)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     written = out.read_bytes().count(b"\n")
     assert 1 <= written < RECORDS, f"the driver was to die mid-run; {written} records were there"
 
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert f"resumed: {written} of {RECORDS} were already there" in again.stderr
     assert by_index(out) == local
