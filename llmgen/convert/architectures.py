@@ -2,10 +2,11 @@
 
 A GGUF names tensors its own way (``blk.3.attn_q``), stores a few of them transformed
 (Llama's Q/K rows permuted for interleaved rotary, Gemma's norms as ``1 + w``, GPT-NeoX's
-fused q/k/v regrouped, GPT-2's Conv1D matrices turned into ``nn.Linear``'s order), and keeps the hyperparameters under ``{arch}.*`` keys, leaving
-out some that llama.cpp derives from the model size. Each ``Arch`` below undoes one
-architecture's choices so that the directory written loads through the same family
-readers as a checkpoint downloaded in the Hugging Face layout.
+fused q/k/v regrouped, GPT-2's Conv1D matrices turned into ``nn.Linear``'s order), and
+keeps the hyperparameters under ``{arch}.*`` keys, leaving out some that llama.cpp
+derives from the model size. Each ``Arch`` below undoes one architecture's choices so
+that the directory written loads through the same family readers as a checkpoint
+downloaded in the Hugging Face layout.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from llmgen.convert.metadata import MAX_CONTEXT, Fields
 from llmgen.errors import ModelError
+from llmgen.models.gpt2 import CONV1D_SUFFIXES
 
 LLAMA_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 LLAMA_LAYER = {
@@ -251,8 +253,7 @@ ARCHS = {  # GGUF general.architecture -> how to read it
     "gemma2": Arch("gemma2", layer=SANDWICH, norm_offset=1.0, config=_gemma2),
     "gemma3": Arch("gemma3_text", layer={**SANDWICH, **QK_NORMS}, norm_offset=1.0, config=_gemma3),
     "gpt2": Arch("gpt2", top=GPT2_TOP, base_layer=GPT2_LAYER, prefix="transformer.h", config=_gpt2,
-                 transposed=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
-                 kept_float=("transformer.wpe.weight",), hf_config=_gpt2_hf_config),
+                 transposed=CONV1D_SUFFIXES, kept_float=("transformer.wpe.weight",), hf_config=_gpt2_hf_config),
     "gptneox": Arch("gpt_neox", top=NEOX_TOP, base_layer=NEOX_LAYER, prefix="gpt_neox.layers",
                     qkv_by_kind=True, config=_neox),
 }
